@@ -1,0 +1,79 @@
+"""Pack documents into task messages bounded in bytes.
+
+Messages stay near ``batch_bytes`` (about 1 MB) so Redis, Celery and Flower never
+carry giant payloads; a document larger than that is split into segments at paragraph
+breaks, each sent on its own and chunked by the worker, so nothing is cut off.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+
+from common.schemas import DocumentItem
+
+#: Bytes a document's JSON adds beyond its content (keys, title, url, extra).
+_OVERHEAD_MARGIN = 2048
+
+
+@dataclass
+class Batch:
+    index: int
+    items: list[DocumentItem]
+    nbytes: int
+
+    def to_payload(self) -> list[dict]:
+        return [item.to_dict() for item in self.items]
+
+
+def encoded_size(item: DocumentItem) -> int:
+    return len(json.dumps(item.to_dict(), ensure_ascii=False).encode("utf-8"))
+
+
+def split_document(item: DocumentItem, max_bytes: int) -> list[DocumentItem]:
+    """Split one oversized document into segments of at most ``max_bytes`` of content."""
+    budget = max(1024, max_bytes - _OVERHEAD_MARGIN - len(json.dumps(item.extra, ensure_ascii=False)))
+    pieces = list(_split_text(item.content, budget))
+    return [replace(item, content=piece, segment=i, segments=len(pieces)) for i, piece in enumerate(pieces)]
+
+
+def _split_text(text: str, budget: int) -> Iterator[str]:
+    """Cut at the last paragraph (or line, or space) break before ``budget`` UTF-8 bytes."""
+    while text:
+        if len(text.encode("utf-8")) <= budget:
+            yield text
+            return
+        window = text[:budget]
+        while len(window.encode("utf-8")) > budget:  # multi-byte text: shrink to fit
+            window = window[: int(len(window) * 0.9)]
+        cut = -1
+        for mark in ("\n\n", "\n", "。", ". ", " "):
+            cut = window.rfind(mark)
+            if cut > len(window) // 2:
+                cut += len(mark)
+                break
+            cut = -1
+        if cut <= 0:
+            cut = len(window)
+        yield text[:cut]
+        text = text[cut:]
+
+
+def pack_batches(items: Iterable[DocumentItem], max_bytes: int) -> Iterator[Batch]:
+    """Group documents into batches whose JSON stays under ``max_bytes``."""
+    current: list[DocumentItem] = []
+    size = 0
+    index = 0
+    for item in items:
+        parts = split_document(item, max_bytes) if encoded_size(item) > max_bytes else [item]
+        for part in parts:
+            part_size = encoded_size(part)
+            if current and size + part_size > max_bytes:
+                yield Batch(index, current, size)
+                index += 1
+                current, size = [], 0
+            current.append(part)
+            size += part_size
+    if current:
+        yield Batch(index, current, size)
