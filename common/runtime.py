@@ -1,0 +1,96 @@
+"""Per-process resources a worker keeps loaded: Redis client, embedder, store, generator.
+
+Each getter builds its resource on first use under a lock and then returns the same
+object, so a model is loaded once per worker process (never per task), and a warm-up
+thread started at worker start and the first task never load it twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import redis
+
+from common.config import Settings
+from common.jobs import JobRecord
+
+if TYPE_CHECKING:
+    from common.embedding import Embedder
+    from common.generators import Generator
+    from common.ingest import Ingestor
+    from common.vectorstore import VectorStore
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A Redis client that reconnects and retries briefly on connection errors."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        settings.redis_dsn,
+        decode_responses=True,
+        health_check_interval=30,
+        socket_keepalive=True,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=8),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+class Runtime:
+    """The lazily loaded resources of one worker process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = redis_client(settings)
+        self._lock = threading.RLock()
+        self._embedder: Embedder | None = None
+        self._store: VectorStore | None = None
+        self._ingestor: Ingestor | None = None
+        self._generator: Generator | None = None
+
+    def job(self, job_id: str) -> JobRecord:
+        return JobRecord(self.redis, job_id, prefix=self.settings.key_prefix, ttl=self.settings.job_ttl_s)
+
+    def embedder(self) -> Embedder:
+        with self._lock:
+            if self._embedder is None:
+                from common.embedding import Embedder
+
+                s = self.settings
+                self._embedder = Embedder(s.embed_model, s.device, s.embed_batch_tokens, s.torch_threads)
+            return self._embedder
+
+    def store(self) -> VectorStore:
+        with self._lock:
+            if self._store is None:
+                from common.vectorstore import open_store
+
+                self._store = open_store(self.settings)
+            return self._store
+
+    def ingestor(self) -> Ingestor:
+        with self._lock:
+            if self._ingestor is None:
+                from common.ingest import Ingestor
+
+                s = self.settings
+                self._ingestor = Ingestor(self.embedder(), self.store(), s.chunk_tokens, s.chunk_overlap)
+            return self._ingestor
+
+    def generator(self) -> Generator:
+        with self._lock:
+            if self._generator is None:
+                from common.generators import build_generator
+
+                self._generator = build_generator(self.settings)
+            return self._generator
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+            if self._generator is not None:
+                self._generator.close()
+                self._generator = None

@@ -1,0 +1,25 @@
+"""The Celery application: ``celery -A workers.app worker`` (``ragq worker`` runs this).
+
+Settings are read once here, at the worker's entry point, and handed to the tasks
+through :data:`runtime`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from common.config import Settings
+from workers.celeryconfig import build_config
+
+
+def create_app(settings: Settings) -> Celery:
+    app = Celery("ragq", include=["workers.tasks"], set_as_current=False)
+    app.config_from_object(build_config(settings))
+    return app
+
+
+settings = Settings()
+app = create_app(settings)
+logging.getLogger("ragq").setLevel(logging.INFO)

@@ -1,0 +1,52 @@
+"""Celery settings derived from :class:`common.config.Settings` (lowercase, Celery 4+ names)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common import tasknames
+from common.config import Settings
+
+
+def build_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for producers and workers alike.
+
+    JSON only (a pickled message is refused), late acks with reject-on-lost so a killed
+    worker's batch is redelivered, one message prefetched at a time because batches are
+    long, and a visibility timeout longer than the hard time limit of any task.
+    """
+    transport = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "health_check_interval": 30,
+        "socket_keepalive": True,
+    }
+    return {
+        "broker_url": settings.redis_dsn,
+        "result_backend": settings.redis_dsn,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"retry_policy": {"timeout": 10.0}},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_expires": settings.job_ttl_s,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.task_soft_time_limit_s,
+        "task_time_limit": settings.task_time_limit_s,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "worker_hijack_root_logger": False,
+        "task_default_queue": settings.ingest_queue,
+        "task_routes": {
+            tasknames.INGEST_BATCH: {"queue": settings.ingest_queue},
+            tasknames.ANSWER_BATCH: {"queue": settings.qa_queue},
+            tasknames.SEARCH: {"queue": settings.qa_queue},
+            tasknames.STORE_INFO: {"queue": settings.qa_queue},
+        },
+    }

@@ -1,0 +1,110 @@
+"""Celery tasks: thin glue between messages, job records and ``common``.
+
+Each task loads its job record, calls library code with the process's loaded
+resources, and saves the outcome. Results stay small (counts and timings) so Flower's
+task pages show throughput without carrying documents.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any
+
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from common import tasknames
+from common.ingest import failed_outcome
+from common.runtime import Runtime
+from common.schemas import DocumentItem, JobStatus
+from common.vectorstore import StoreError
+from workers.app import app, settings
+
+log = logging.getLogger("ragq.worker")
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def runtime() -> Runtime:
+    """This process's resources, created in the process that runs tasks (after fork)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = Runtime(settings)
+        return _runtime
+
+
+@worker_process_init.connect
+def _warm_up(**_: Any) -> None:
+    """Load the models in the background so the first batch does not pay for it.
+
+    worker_process_init handlers must return within seconds, so the load runs in a
+    thread; a task arriving meanwhile waits on the same lock instead of loading twice.
+    """
+
+    def load() -> None:
+        try:
+            queues = {q.name for q in app.amqp.queues.consume_from.values()} if app.amqp.queues.consume_from else set()
+            rt = runtime()
+            if not queues or settings.ingest_queue in queues or settings.qa_queue in queues:
+                rt.embedder()
+            if settings.ingest_queue in queues:
+                rt.ingestor().ensure_collection()
+        except Exception:  # the first task will raise the same error with its context
+            log.exception("warm-up failed")
+
+    threading.Thread(target=load, name="ragq-warmup", daemon=True).start()
+
+
+@worker_process_shutdown.connect
+def _release(**_: Any) -> None:
+    if _runtime is not None:
+        _runtime.close()
+
+
+def _backoff(attempt: int) -> float:
+    return min(60.0, 2.0 ** attempt) * (0.5 + random.random())
+
+
+@app.task(name=tasknames.INGEST_BATCH, bind=True)
+def ingest_batch(self, job_id: str, batch: int, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Chunk, embed and upsert one batch of documents of job ``job_id``."""
+    rt = runtime()
+    job = rt.job(job_id)
+    status = job.status()
+    if status in (JobStatus.cancelled, JobStatus.not_found) or job.batch_done(batch):
+        return {"job": job_id, "batch": batch, "skipped": status.value}
+    job.mark_started()
+    docs = [DocumentItem.from_dict(d) for d in items]
+    try:
+        outcome = rt.ingestor().ingest(docs)
+    except StoreError as exc:
+        if self.request.retries + 1 < settings.max_task_attempts:
+            raise self.retry(exc=exc, countdown=_backoff(self.request.retries))
+        outcome = failed_outcome(docs, f"vector store unavailable after {settings.max_task_attempts} attempts: {exc}")
+    job.finish_batch(batch, outcome)
+    return {
+        "job": job_id, "batch": batch, "documents": len(docs), "completed": outcome.completed,
+        "failed": outcome.failed, "chunks": outcome.chunks, "tokens": outcome.tokens,
+        "seconds": round(outcome.seconds, 3),
+        "tokens_per_s": round(outcome.tokens / outcome.seconds, 1) if outcome.seconds else None,
+    }
+
+
+@app.task(name=tasknames.SEARCH)
+def search(queries: list[str], top_k: int = 5, filter: dict[str, Any] | None = None) -> list[list[dict[str, Any]]]:
+    """Embed ``queries`` in one pass and run one batched query; distinct pages per query."""
+    from common.retrieval import retrieve
+
+    rt = runtime()
+    hits = retrieve(rt.embedder(), rt.store(), queries, top_k=top_k, filter=filter)
+    return [[source.__dict__ for source in row] for row in hits]
+
+
+@app.task(name=tasknames.STORE_INFO)
+def store_info() -> dict[str, Any]:
+    """The collection as the worker that owns the store sees it."""
+    info = runtime().store().info()
+    return dict(info.__dict__)
