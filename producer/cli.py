@@ -1,0 +1,239 @@
+"""``ragq``: the command line. Each command is a thin call into :mod:`producer.client`.
+
+Data goes to stdout (``--json`` prints one JSON document), messages and progress to
+stderr; a failed job exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.config import Settings
+from common.jobs import JobInfo
+from common.schemas import JobStatus
+from producer.client import Client, RagqError
+
+app = typer.Typer(
+    name="ragq",
+    help="ragq: queue documents and questions for GPU-pinned RAG workers (Redis + Celery + Qdrant).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+#: Exit codes: 0 ok, 1 the job failed or had errors, 2 usage or setup problem.
+EXIT_JOB_FAILED = 1
+EXIT_SETUP = 2
+
+
+def _client() -> Client:
+    return Client(Settings())
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def _fail(message: str, code: int = EXIT_SETUP) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _exit_code(info: JobInfo) -> int:
+    return 0 if info.status == JobStatus.completed.value else EXIT_JOB_FAILED
+
+
+def _summary(info: JobInfo) -> None:
+    colour = {"completed": "green", "completed_with_errors": "yellow"}.get(info.status, "red")
+    err.print(f"job [bold]{info.id}[/bold]: [{colour}]{info.status}[/{colour}]", highlight=False)
+    line = f"  {info.completed} completed, {info.failed} failed of {info.total} items"
+    if info.kind == "ingest":
+        line += f"; {info.chunks} chunks, {info.tokens} tokens"
+    err.print(line, highlight=False)
+    if info.elapsed_s:
+        t = info.throughput
+        err.print(f"  {info.elapsed_s:.1f}s: {t.get('items_per_s', 0):.1f} items/s, "
+                  f"{t.get('chunks_per_s', 0):.1f} chunks/s, {t.get('tokens_per_s', 0):.0f} tokens/s", highlight=False)
+    if info.reason:
+        err.print(f"  reason: {info.reason}", highlight=False)
+    for e in info.errors[:20]:
+        err.print(f"  [red]✗[/red] {e['item']}: {e['reason']}", highlight=False)
+    if len(info.errors) > 20:
+        err.print(f"  … and {len(info.errors) - 20} more (ragq status {info.id} --json)", highlight=False)
+
+
+def _wait_with_progress(client: Client, job_id: str, timeout: float | None) -> JobInfo:
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err,
+                  transient=False) as progress:
+        task = progress.add_task("waiting", total=None, detail="")
+
+        def update(info: JobInfo) -> None:
+            detail = f"{info.chunks} chunks" if info.kind == "ingest" else ""
+            if info.failed:
+                detail += f", {info.failed} failed"
+            progress.update(task, description=info.status, completed=info.done,
+                            total=info.total or None, detail=detail)
+
+        return client.job(job_id).wait(timeout, on_progress=update)
+
+
+@app.command()
+def ingest(
+    paths: list[Path] = typer.Argument(..., help="Files (.json, .jsonl, .md, .txt) or directories (walked recursively)."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the job, with a progress bar, then print a summary."),
+    timeout: Optional[float] = typer.Option(None, help="With --wait: give up after this many seconds."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job as JSON on stdout."),
+) -> None:
+    """Queue documents for embedding and upsert; prints the job id."""
+    client = _client()
+    try:
+        job = client.ingest(paths)
+    except RagqError as exc:
+        _fail(str(exc))
+    if not wait:
+        info = job.refresh()
+        if as_json:
+            _print_json(info.to_dict())
+        else:
+            out.print(job.id, highlight=False)
+            err.print(f"queued {info.total} documents in {info.batches_total} batches; "
+                      f"follow with `ragq status {job.id}`", highlight=False)
+        return
+    try:
+        info = _wait_with_progress(client, job.id, timeout)
+    except RagqError as exc:
+        _fail(str(exc), EXIT_JOB_FAILED)
+    if as_json:
+        _print_json(info.to_dict())
+    else:
+        out.print(job.id, highlight=False)
+        _summary(info)
+    raise typer.Exit(_exit_code(info))
+
+
+@app.command()
+def status(
+    job_id: str = typer.Argument(..., help="A job id printed by `ragq ingest` or `ragq ask-file`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job as JSON on stdout."),
+    wait: bool = typer.Option(False, "--wait", help="Wait until the job finishes."),
+) -> None:
+    """Show a job's status, counts, throughput and per-item errors."""
+    client = _client()
+    info = _wait_with_progress(client, job_id, None) if wait else client.job(job_id).refresh()
+    if as_json:
+        _print_json(info.to_dict())
+    elif info.status == JobStatus.not_found.value:
+        _fail(f"job {job_id} not found (expired or never created)")
+    else:
+        _summary(info)
+    if info.status == JobStatus.not_found.value:
+        raise typer.Exit(EXIT_SETUP)
+    if info.is_finished and info.status != JobStatus.completed.value:
+        raise typer.Exit(EXIT_JOB_FAILED)
+
+
+@app.command()
+def info(
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON on stdout."),
+    timeout: float = typer.Option(30.0, help="Seconds to wait for a worker to answer."),
+) -> None:
+    """Show the collection (points, dimension, model) and the queues."""
+    client = _client()
+    try:
+        store = client.store_info(timeout=timeout)
+    except RagqError as exc:
+        _fail(str(exc))
+    data = {"collection": store, "queues": client.queue_depths()}
+    if as_json:
+        _print_json(data)
+        return
+    table = Table(show_header=False, box=None)
+    for key in ("name", "points", "dimension", "distance", "model", "backend", "location"):
+        table.add_row(key, str(store.get(key)))
+    for queue, depth in data["queues"].items():
+        table.add_row(f"queue {queue}", f"{depth} waiting")
+    out.print(table)
+
+
+@app.command()
+def search(
+    query: str = typer.Argument(..., help="The text to search for."),
+    top_k: int = typer.Option(5, "--top-k", "-k", min=1, max=100, help="Distinct documents to return."),
+    product: Optional[str] = typer.Option(None, help="Only documents of this product."),
+    as_json: bool = typer.Option(False, "--json", help="Print the hits as JSON on stdout."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for a worker to answer."),
+) -> None:
+    """Retrieve the best-matching documents, through the queue and a worker."""
+    client = _client()
+    try:
+        rows = client.search(query, top_k=top_k, filter={"product": product} if product else None, timeout=timeout)
+    except RagqError as exc:
+        _fail(str(exc))
+    hits = rows[0] if rows else []
+    if as_json:
+        _print_json([h.__dict__ for h in hits])
+        return
+    if not hits:
+        err.print("no matching documents (is anything ingested? see `ragq info`)")
+    for rank, hit in enumerate(hits, start=1):
+        out.print(f"[bold]{rank}. {hit.title}[/bold]  [dim]{hit.score:.3f}  {hit.product}[/dim]", highlight=False)
+        out.print(f"   {hit.url}", highlight=False)
+        snippet = " ".join(hit.text.split())[:200]
+        out.print(f"   [dim]{snippet}[/dim]", highlight=False)
+
+
+@app.command()
+def worker(
+    queues: str = typer.Option("ingest,qa", help="Comma-separated queues to consume."),
+    gpus: str = typer.Option("all", help="'all', 'none' (CPU) or GPU indices such as '0,2': one process per GPU."),
+    pool: str = typer.Option("prefork", help="Celery pool of each process (prefork: crash-isolated, time limits enforced)."),
+    loglevel: str = typer.Option("INFO", help="Celery log level."),
+) -> None:
+    """Start pinned worker processes (one per GPU, or one on the CPU) and supervise them."""
+    from workers.launcher import Supervisor, plan_workers, select_gpus
+
+    settings = Settings()
+    try:
+        chosen = select_gpus(gpus)
+    except ValueError as exc:
+        _fail(str(exc))
+    if len(chosen) > 1 and not settings.qdrant_url:
+        err.print("[yellow]note:[/yellow] the embedded store can be owned by one process only; "
+                  f"starting one worker on GPU {chosen[0]}. Set RAGQ_QDRANT_URL to a Qdrant server "
+                  "to use every GPU.", highlight=False)
+        chosen = chosen[:1]
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    specs = plan_workers(names, chosen, pool=pool, loglevel=loglevel)
+    raise typer.Exit(Supervisor(specs).run())
+
+
+@app.command()
+def config(as_json: bool = typer.Option(False, "--json", help="Print as JSON on stdout.")) -> None:
+    """Print the effective settings (RAGQ_* variables and .env), secrets masked."""
+    values = Settings().masked()
+    if as_json:
+        _print_json(values)
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in values.items():
+        table.add_row(f"RAGQ_{key.upper()}", "" if value is None else str(value))
+    out.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

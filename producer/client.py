@@ -1,0 +1,193 @@
+"""The Python API of ragq's producer side: submit jobs, poll them, search.
+
+``Client().ingest(paths)`` streams the inputs, validates them, packs them into
+byte-bounded batches, enqueues one Celery task per batch on the ``ingest`` queue and
+returns a :class:`Job` handle at once. The producer never loads a model: it sends
+tasks by name, so it imports neither torch nor the worker code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from common import tasknames
+from common.batching import pack_batches
+from common.config import Settings
+from common.inputs import InputReader
+from common.jobs import JobInfo, JobRecord
+from common.runtime import redis_client
+from common.schemas import DocumentItem, ItemError, JobKind, JobStatus, Source
+from workers.celeryconfig import build_config
+
+ProgressCallback = Callable[[JobInfo], None]
+
+#: Item errors written to the record in one round trip while streaming.
+_ERROR_FLUSH = 200
+
+
+class RagqError(RuntimeError):
+    """A problem the user can act on (no worker answering, job not found, ...)."""
+
+
+class JobTimeout(RagqError):
+    pass
+
+
+@dataclass
+class Job:
+    """A handle on one job: an id and a connection, like arq's ``Job``."""
+
+    id: str
+    client: Client
+
+    def record(self) -> JobRecord:
+        return self.client._record(self.id)
+
+    def refresh(self) -> JobInfo:
+        return self.record().info()
+
+    def status(self) -> JobStatus:
+        return self.record().status()
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        *,
+        poll_s: float = 0.5,
+        on_progress: ProgressCallback | None = None,
+    ) -> JobInfo:
+        """Poll until the job reaches a final status; raise :class:`JobTimeout` after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            info = self.refresh()
+            if on_progress is not None:
+                on_progress(info)
+            if info.status == JobStatus.not_found.value:
+                raise RagqError(f"job {self.id} not found (expired or never created)")
+            if info.is_finished:
+                return info
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(f"job {self.id} still {info.status} after {timeout:.0f}s ({info.done}/{info.total} items)")
+            time.sleep(poll_s)
+
+    def cancel(self) -> bool:
+        return self.record().cancel()
+
+    def results(self) -> Iterable[dict[str, Any]]:
+        return self.record().iter_results()
+
+
+class Client:
+    """Connects to Redis and sends tasks by name; build one per process and reuse it."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.redis: redis.Redis = redis_client(self.settings)
+        self.celery = Celery("ragq-producer", set_as_current=False)
+        self.celery.config_from_object(build_config(self.settings))
+
+    def _record(self, job_id: str) -> JobRecord:
+        return JobRecord(self.redis, job_id, prefix=self.settings.key_prefix, ttl=self.settings.job_ttl_s)
+
+    def job(self, job_id: str) -> Job:
+        return Job(job_id, self)
+
+    def ping(self) -> None:
+        try:
+            self.redis.ping()
+        except redis.RedisError as exc:
+            raise RagqError(f"cannot reach Redis: {exc}") from exc
+
+    # -- ingestion -------------------------------------------------------------------
+    def ingest(self, paths: Iterable[str | Path], *, job_id: str | None = None) -> Job:
+        """Stream ``paths`` into batches on the ingest queue; returns once all are enqueued."""
+        self.ping()
+        paths = [str(p) for p in paths]
+        record = JobRecord.create(
+            self.redis, JobKind.ingest, meta={"inputs": paths, "collection": self.settings.collection,
+                                               "model": self.settings.embed_model},
+            prefix=self.settings.key_prefix, ttl=self.settings.job_ttl_s, job_id=job_id,
+        )
+        reader = InputReader(max_document_bytes=self.settings.max_document_bytes,
+                             follow_symlinks=self.settings.follow_symlinks)
+        try:
+            batches = 0
+            for batch in pack_batches(self._documents(reader.read(paths), record), self.settings.batch_bytes):
+                record.add_items(items=sum(1 for i in batch.items if i.segment == 0), batches=1)
+                self._send_ingest(record.id, batch.index, batch.to_payload(), batch.nbytes)
+                batches += 1
+            record.update_meta(batches=batches, skipped_files=reader.skipped_files)
+        except BaseException as exc:
+            record.fail(f"producer stopped while enqueuing: {exc!r}")
+            raise
+        finally:
+            record.seal()
+        return Job(record.id, self)
+
+    def _documents(self, events: Iterable[DocumentItem | ItemError], record: JobRecord) -> Iterable[DocumentItem]:
+        """Pass documents on; collect the reader's errors into the job record."""
+        pending: list[ItemError] = []
+        for event in events:
+            if isinstance(event, ItemError):
+                pending.append(event)
+                if len(pending) >= _ERROR_FLUSH:
+                    record.add_items(errors=pending)
+                    pending = []
+            else:
+                yield event
+        if pending:
+            record.add_items(errors=pending)
+
+    def _send_ingest(self, job_id: str, batch: int, payload: list[dict], nbytes: int) -> None:
+        self.celery.send_task(
+            tasknames.INGEST_BATCH,
+            args=(job_id, batch, payload),
+            argsrepr=f"({job_id!r}, batch={batch}, documents={len(payload)}, bytes={nbytes})",
+        )
+
+    # -- retrieval -------------------------------------------------------------------
+    def search(
+        self,
+        queries: str | list[str],
+        *,
+        top_k: int | None = None,
+        filter: Mapping[str, Any] | None = None,
+        timeout: float = 60.0,
+    ) -> list[list[Source]]:
+        """Retrieve through the queue (a worker owns the model and the store)."""
+        many = [queries] if isinstance(queries, str) else list(queries)
+        result = self.celery.send_task(
+            tasknames.SEARCH, args=(many, top_k or self.settings.top_k, dict(filter) if filter else None),
+            argsrepr=f"(queries={len(many)}, top_k={top_k or self.settings.top_k})",
+        )
+        rows = self._await(result, timeout, "search")
+        return [[Source(**hit) for hit in row] for row in rows]
+
+    def store_info(self, timeout: float = 30.0) -> dict[str, Any]:
+        result = self.celery.send_task(tasknames.STORE_INFO)
+        return self._await(result, timeout, "info")
+
+    def _await(self, result: Any, timeout: float, what: str) -> Any:
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        try:
+            return result.get(timeout=timeout)
+        except CeleryTimeout:
+            result.revoke()
+            raise RagqError(
+                f"no worker answered the {what} request within {timeout:.0f}s: is one running "
+                f"on the '{self.settings.qa_queue}' queue? Start one with `ragq worker`."
+            ) from None
+        finally:
+            result.forget()
+
+    def queue_depths(self) -> dict[str, int]:
+        """Messages waiting per queue (Flower does not show this)."""
+        return {q: int(self.redis.llen(q)) for q in (self.settings.ingest_queue, self.settings.qa_queue)}
