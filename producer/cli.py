@@ -231,7 +231,15 @@ def config(as_json: bool = typer.Option(False, "--json", help="Print as JSON on 
     out.print(table)
 
 
+#: Command groups that live in their own modules; each registers on ``app`` when imported.
+_COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def main() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name)
     app()
 
 
