@@ -243,5 +243,7 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run through the real module so command modules share its app
+    from producer.cli import main as _main
+
+    _main()

@@ -1,0 +1,5 @@
+"""``python -m producer`` is ``ragq``."""
+
+from producer.cli import main
+
+main()
