@@ -300,11 +300,12 @@ class JobRecord:
         )
         if info.started_at:
             end = info.finished_at or time.time()
-            info.elapsed_s = round(max(end - info.started_at, 1e-9), 3)
+            elapsed = max(end - info.started_at, 1e-6)
+            info.elapsed_s = round(elapsed, 3)
             info.throughput = {
-                "items_per_s": round(info.done / info.elapsed_s, 3),
-                "chunks_per_s": round(info.chunks / info.elapsed_s, 3),
-                "tokens_per_s": round(info.tokens / info.elapsed_s, 1),
+                "items_per_s": round(info.done / elapsed, 3),
+                "chunks_per_s": round(info.chunks / elapsed, 3),
+                "tokens_per_s": round(info.tokens / elapsed, 1),
             }
         return info
 
