@@ -114,7 +114,7 @@ class InputReader:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            yield ItemError(str(path), f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+            yield ItemError(str(path), f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")
             return
         except RecursionError:
             yield ItemError(str(path), "malformed JSON: nested too deeply")
@@ -146,7 +146,7 @@ class InputReader:
                     yield ItemError(item, f"not valid UTF-8 (byte {exc.start})")
                     continue
                 except json.JSONDecodeError as exc:
-                    yield ItemError(item, f"malformed JSON: {exc.msg} at column {exc.colno}")
+                    yield ItemError(item, f"malformed JSON: {exc.msg} (column {exc.colno})")
                     continue
                 except RecursionError:
                     yield ItemError(item, "malformed JSON: nested too deeply")
