@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = 3600
     max_task_attempts: int = 3
 
+    # --- HTTP front door (`ragq serve`) -------------------------------------------
+    api_token: SecretStr | None = Field(None, description="bearer token required by the HTTP API when set")
+    http_max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+
     # --- Generation (question answering) ----------------------------------------
     llm_backend: Literal["local", "openai", "none"] = "local"
     llm_model: str | None = None  # local: HF id, directory or .gguf; openai: model name

@@ -4,3 +4,9 @@ INGEST_BATCH = "ragq.ingest_batch"
 ANSWER_BATCH = "ragq.answer_batch"
 SEARCH = "ragq.search"
 STORE_INFO = "ragq.store_info"
+EMBED = "ragq.embed"
+
+#: Bounds of one ``ragq.embed`` message (texts, and their characters in all), so a
+#: synchronous embedding request stays about as small as an ingest batch.
+EMBED_MAX_INPUTS = 256
+EMBED_MAX_CHARS = 1_000_000

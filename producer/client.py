@@ -8,6 +8,8 @@ tasks by name, so it imports neither torch nor the worker code.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from celery import Celery
 from common import tasknames
 from common.batching import pack_batches
 from common.config import Settings
-from common.inputs import InputReader
+from common.inputs import InputEvent, InputReader, document_from_object
 from common.jobs import JobInfo, JobRecord
 from common.runtime import redis_client
 from common.schemas import DocumentItem, ItemError, JobKind, JobStatus, Source
@@ -38,6 +40,10 @@ class RagqError(RuntimeError):
 
 class JobTimeout(RagqError):
     pass
+
+
+class WorkerTimeout(RagqError):
+    """No worker answered a synchronous request (search, info, embed) in time."""
 
 
 @dataclass
@@ -108,22 +114,48 @@ class Client:
     # -- ingestion -------------------------------------------------------------------
     def ingest(self, paths: Iterable[str | Path], *, job_id: str | None = None) -> Job:
         """Stream ``paths`` into batches on the ingest queue; returns once all are enqueued."""
-        self.ping()
         paths = [str(p) for p in paths]
+        reader = InputReader(max_document_bytes=self.settings.max_document_bytes,
+                             follow_symlinks=self.settings.follow_symlinks)
+        return self._enqueue_documents(reader.read(paths), inputs=paths, job_id=job_id,
+                                       final_meta=lambda: {"skipped_files": reader.skipped_files})
+
+    def ingest_documents(
+        self, docs: Iterable[Any], *, source: str = "http", job_id: str | None = None
+    ) -> Job:
+        """Queue documents given as corpus-format objects (``content``, ``title``, ...).
+
+        Each is validated like a file's; a bad one becomes a per-item error named
+        ``request[n]`` and the rest go on. A document without ``id`` or ``url`` is keyed
+        by a hash of its fields, so sending it again rewrites its points instead of adding
+        copies (its position in a request says nothing about which document it is).
+        """
+        events = (document_from_object(doc, item=f"request[{n}]", default_key=_content_key(source, doc))
+                  for n, doc in enumerate(docs))
+        return self._enqueue_documents(events, inputs=[source], job_id=job_id)
+
+    def _enqueue_documents(
+        self,
+        events: Iterable[InputEvent],
+        *,
+        inputs: list[str],
+        job_id: str | None,
+        final_meta: Callable[[], dict[str, Any]] | None = None,
+    ) -> Job:
+        """Pack validated documents into batches and enqueue them as one job; seal it at the end."""
+        self.ping()
         record = JobRecord.create(
-            self.redis, JobKind.ingest, meta={"inputs": paths, "collection": self.settings.collection,
+            self.redis, JobKind.ingest, meta={"inputs": inputs, "collection": self.settings.collection,
                                                "model": self.settings.embed_model},
             prefix=self.settings.key_prefix, ttl=self.settings.job_ttl_s, job_id=job_id,
         )
-        reader = InputReader(max_document_bytes=self.settings.max_document_bytes,
-                             follow_symlinks=self.settings.follow_symlinks)
         try:
             batches = 0
-            for batch in pack_batches(self._documents(reader.read(paths), record), self.settings.batch_bytes):
+            for batch in pack_batches(self._documents(events, record), self.settings.batch_bytes):
                 record.add_items(items=sum(1 for i in batch.items if i.segment == 0), batches=1)
                 self._send_ingest(record.id, batch.index, batch.to_payload(), batch.nbytes)
                 batches += 1
-            record.update_meta(batches=batches, skipped_files=reader.skipped_files)
+            record.update_meta(batches=batches, **(final_meta() if final_meta else {}))
         except BaseException as exc:
             record.fail(f"producer stopped while enqueuing: {exc!r}")
             raise
@@ -174,6 +206,13 @@ class Client:
         result = self.celery.send_task(tasknames.STORE_INFO)
         return self._await(result, timeout, "info")
 
+    def embed(self, texts: list[str], *, timeout: float = 60.0) -> dict[str, Any]:
+        """Embed ``texts`` as given on a worker: vectors as lists, token counts, and the
+        indices of inputs over the model's window (``too_long``, then no vectors)."""
+        result = self.celery.send_task(tasknames.EMBED, args=(list(texts),),
+                                       argsrepr=f"(texts={len(texts)})")
+        return self._await(result, timeout, "embedding")
+
     def _await(self, result: Any, timeout: float, what: str) -> Any:
         from celery.exceptions import TimeoutError as CeleryTimeout
 
@@ -181,7 +220,7 @@ class Client:
             return result.get(timeout=timeout)
         except CeleryTimeout:
             result.revoke()
-            raise RagqError(
+            raise WorkerTimeout(
                 f"no worker answered the {what} request within {timeout:.0f}s: is one running "
                 f"on the '{self.settings.qa_queue}' queue? Start one with `ragq worker`."
             ) from None
@@ -191,3 +230,10 @@ class Client:
     def queue_depths(self) -> dict[str, int]:
         """Messages waiting per queue (Flower does not show this)."""
         return {q: int(self.redis.llen(q)) for q in (self.settings.ingest_queue, self.settings.qa_queue)}
+
+def _content_key(source: str, obj: Any) -> str:
+    """The key of a document sent without ``id`` or ``url``: a hash of its fields."""
+    if not isinstance(obj, dict):
+        return source
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=True, default=str)
+    return f"{source}:sha1:{hashlib.sha1(blob.encode('ascii')).hexdigest()}"

@@ -48,5 +48,6 @@ def build_config(settings: Settings) -> dict[str, Any]:
             tasknames.ANSWER_BATCH: {"queue": settings.qa_queue},
             tasknames.SEARCH: {"queue": settings.qa_queue},
             tasknames.STORE_INFO: {"queue": settings.qa_queue},
+            tasknames.EMBED: {"queue": settings.qa_queue},
         },
     }

@@ -108,3 +108,22 @@ def store_info() -> dict[str, Any]:
     """The collection as the worker that owns the store sees it."""
     info = runtime().store().info()
     return dict(info.__dict__)
+
+
+@app.task(name=tasknames.EMBED)
+def embed(texts: list[str]) -> dict[str, Any]:
+    """Embed ``texts`` as given (no chunking), for the OpenAI-style ``/v1/embeddings``.
+
+    An input longer than the model's window is reported in ``too_long`` instead of
+    being cut silently; the caller turns that into a validation error.
+    """
+    if not texts or len(texts) > tasknames.EMBED_MAX_INPUTS or sum(map(len, texts)) > tasknames.EMBED_MAX_CHARS:
+        raise ValueError(f"1 to {tasknames.EMBED_MAX_INPUTS} texts of at most "
+                         f"{tasknames.EMBED_MAX_CHARS} characters in all")
+    embedder = runtime().embedder()
+    tokens = [embedder.count_tokens(text) for text in texts]
+    window = embedder.max_tokens - embedder.special_tokens
+    too_long = [i for i, n in enumerate(tokens) if n > window]
+    vectors = [] if too_long else embedder.encode(texts).tolist()
+    return {"model": settings.embed_model, "dimension": embedder.dimension, "window": window,
+            "tokens": tokens, "too_long": too_long, "embeddings": vectors}
