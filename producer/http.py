@@ -1,0 +1,557 @@
+"""``ragq serve``: the HTTP front door to the same queue (FastAPI; OpenAPI at ``/openapi.json``).
+
+The server is a producer like the CLI: it validates requests, enqueues jobs and sends
+tasks by name through :class:`producer.client.Client`, and reads job records. It never
+loads a model: search, answers and embeddings are computed by the workers, so a server
+in front of GPU workers costs no GPU memory and starts in a second.
+
+Errors carry real status codes and FastAPI's ``{"detail": ...}`` body: 401 without the
+configured bearer token, 404 for an unknown job, 409 to cancel a finished job, 413 over
+``RAGQ_HTTP_MAX_BODY_BYTES``, 415 for a body type other than JSON or JSONL, 422 for
+invalid input (each ``detail[].loc`` names the field), 502 when a worker failed the
+request, 503 when Redis or the broker is unreachable, 504 when no worker answered in time.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.message
+import hmac
+import json
+import logging
+import re
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+import numpy as np
+import redis
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from kombu.exceptions import OperationalError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
+
+from common import tasknames
+from common.config import Settings
+from common.inputs import document_from_object
+from common.jobs import JobInfo
+from common.schemas import ItemError, JobStatus
+from producer.client import Client, RagqError, WorkerTimeout
+
+log = logging.getLogger("ragq.http")
+
+T = TypeVar("T")
+
+#: Seconds ``/health`` waits for workers to answer a broadcast, and for the store check.
+HEALTH_INSPECT_TIMEOUT_S = 1.0
+HEALTH_STORE_TIMEOUT_S = 5.0
+#: Validation errors listed in one 422 answer for an ingest body.
+_MAX_REPORTED_ERRORS = 50
+
+JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/x-jsonlines",
+               "application/jsonlines", "application/json-lines"}
+JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,128}$",
+                            description="A job id returned by `POST /v1/ingest` or `POST /v1/questions`.")]
+
+
+# -- request and response models --------------------------------------------------------
+
+class Document(BaseModel):
+    """One document in the corpus format; fields beyond these are kept as payload."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "content": "Cloud Disk Service provides block storage for instances.", "title": "Cloud Disk",
+        "product": "Cloud Disk Service", "url": "https://docs.example.com/disk/overview"}]})
+
+    content: str = Field(min_length=1, description="The text to chunk, embed and store (not blank).")
+    title: str | None = None
+    product: str | None = Field(None, description="Searches can be restricted to one product.")
+    url: str | None = Field(None, description="Also the document's key when it has no `id`.")
+    id: str | int | None = Field(None, description="Stable key: sending the same id again replaces the document.")
+
+
+_DOCUMENT = TypeAdapter(Document)
+
+Text = Annotated[str, StringConstraints(min_length=1)]
+
+
+class Hit(BaseModel):
+    url: str
+    title: str
+    product: str
+    score: float
+    text: str
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
+    top_k: int = Field(5, ge=1, le=100, description="Distinct documents to return.")
+    product: str | None = Field(None, description="Only documents of this product.")
+    timeout: float = Field(30.0, gt=0, le=300, description="Seconds to wait for a worker; 504 after that.")
+
+
+class SearchResponse(BaseModel):
+    query: str
+    top_k: int
+    hits: list[Hit]
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings request (token-array inputs are not supported)."""
+
+    input: Text | Annotated[list[Text], Field(min_length=1, max_length=tasknames.EMBED_MAX_INPUTS)] = Field(
+        description=f"A string or a list of up to {tasknames.EMBED_MAX_INPUTS} strings (not empty), "
+                    f"{tasknames.EMBED_MAX_CHARS} characters in all; each must fit the model's window.")
+    model: str = Field(description="The embedding model the workers serve (`RAGQ_EMBED_MODEL`).")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="Must equal the model's dimension if given.")
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _bounded(cls, value: str | list[str]) -> str | list[str]:
+        size = len(value) if isinstance(value, str) else sum(map(len, value))
+        if size > tasknames.EMBED_MAX_CHARS:
+            raise ValueError(f"inputs hold {size} characters in all, over the limit of {tasknames.EMBED_MAX_CHARS}")
+        return value
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="Floats, or base64 of little-endian float32 values.")
+
+
+class EmbeddingsUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingsUsage
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, Any] | None = Field(
+        None, description="redis, store and queues; left out for callers without the token.")
+
+
+class Problem(BaseModel):
+    detail: Any
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"model": Problem, "description": description}
+
+
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {401: _problem("Missing or wrong bearer token.")}
+BODY_RESPONSES: dict[int | str, dict[str, Any]] = {413: {
+    "description": "Request body over RAGQ_HTTP_MAX_BODY_BYTES (plain text when Content-Length announced it).",
+    "content": {"application/json": {"schema": Problem.model_json_schema()},
+                "text/plain": {"schema": {"type": "string"}}},
+}}
+WORKER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    502: _problem("A worker failed the request."),
+    503: _problem("Redis or the broker is unreachable."),
+    504: _problem("No worker answered within the timeout."),
+}
+STORE_RESPONSES: dict[int | str, dict[str, Any]] = {503: _problem("Redis is unreachable.")}
+#: Declared by hand where FastAPI does not see a body model (hand-parsed JSONL/JSON bodies).
+VALIDATION_RESPONSE: dict[int | str, dict[str, Any]] = {422: {
+    "description": "Validation Error",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
+}}
+JOB_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _problem("No such job (expired or never created).")}
+
+
+# -- the app ----------------------------------------------------------------------------
+
+def create_app(settings: Settings | None = None, *, client: Client | None = None) -> FastAPI:
+    """The FastAPI app of ``ragq serve``; ``client`` defaults to one built from ``settings``."""
+    settings = settings or (client.settings if client else Settings())
+    client = client or Client(settings)
+    token = settings.api_token.get_secret_value() if settings.api_token else ""
+    scrub = _scrubber(settings)
+
+    app = FastAPI(
+        title="ragq",
+        version=_version(),
+        summary="Queue documents and questions for GPU-pinned RAG workers; search, answer and embed through them.",
+        max_body_size=settings.http_max_body_bytes,
+    )
+    authorize = _bearer_check(token)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)], responses=AUTH_RESPONSES)
+
+    # -- jobs --------------------------------------------------------------------------
+    @v1.post(
+        "/ingest", status_code=202, response_model=JobInfo, tags=["jobs"],
+        responses={**BODY_RESPONSES, 415: _problem("Body neither JSON nor JSONL."), **VALIDATION_RESPONSE,
+                   **STORE_RESPONSES},
+        openapi_extra=_documents_body(),
+    )
+    async def ingest(request: Request, response: Response) -> JobInfo:
+        """Queue documents for embedding and upsert: a JSON array, or JSONL (one object per line).
+
+        The whole body is validated first: any invalid document answers 422 naming it
+        (``["body", 3, "content"]``, or ``["body", "line 4", ...]`` for JSONL) and nothing
+        is queued. Returns the job (as ``ragq status --json`` prints it) with 202.
+        """
+        docs = _parse_documents(await request.body(), request.headers.get("content-type"))
+        job = await run_in_threadpool(client.ingest_documents, docs, source="http")
+        info = await run_in_threadpool(job.refresh)
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return info
+
+    @v1.get("/jobs/{job_id}", response_model=JobInfo, tags=["jobs"], responses={**JOB_NOT_FOUND, **STORE_RESPONSES})
+    def get_job(job_id: JobId) -> JobInfo:
+        """A job's status, counts, throughput and per-item errors."""
+        return _existing(client, job_id)
+
+    @v1.get(
+        "/jobs/{job_id}/results", tags=["jobs"], response_class=StreamingResponse,
+        responses={200: {"description": "One JSON object per line, in input order.",
+                         "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+                   **JOB_NOT_FOUND, **STORE_RESPONSES},
+    )
+    def job_results(job_id: JobId) -> StreamingResponse:
+        """Stream the result lines finished so far as JSONL (partial while the job runs).
+
+        ``X-Ragq-Job-Status`` tells whether more may come; ingest jobs have no result lines.
+        """
+        info = _existing(client, job_id)
+        lines = list(client.job(job_id).results())
+        return StreamingResponse(
+            (json.dumps(line, ensure_ascii=False) + "\n" for line in lines),
+            media_type="application/x-ndjson",
+            headers={"X-Ragq-Job-Status": info.status, "X-Ragq-Job-Finished": str(info.is_finished).lower()},
+        )
+
+    @v1.post("/jobs/{job_id}/cancel", response_model=JobInfo, tags=["jobs"],
+             responses={**JOB_NOT_FOUND, 409: _problem("The job had already finished."), **STORE_RESPONSES})
+    def cancel_job(job_id: JobId) -> JobInfo:
+        """Cancel a queued or running job: workers skip its remaining batches."""
+        job = client.job(job_id)
+        if not job.cancel():
+            info = _existing(client, job_id)
+            raise HTTPException(409, f"job {job_id} already finished ({info.status})")
+        return job.refresh()
+
+    # -- synchronous requests through the workers -------------------------------------------
+    @v1.post("/search", response_model=SearchResponse, tags=["retrieval"], responses=WORKER_RESPONSES)
+    def search(body: SearchRequest) -> SearchResponse:
+        """Retrieve the ``top_k`` best-matching distinct documents, through a worker."""
+        rows = _from_worker(scrub, client.search, body.query, top_k=body.top_k,
+                            filter={"product": body.product} if body.product else None, timeout=body.timeout)
+        hits = [Hit(**source.__dict__) for source in (rows[0] if rows else [])]
+        return SearchResponse(query=body.query, top_k=body.top_k, hits=hits)
+
+    @v1.post("/embeddings", response_model=EmbeddingsResponse, tags=["openai"], responses=WORKER_RESPONSES)
+    def embeddings(body: EmbeddingsRequest) -> EmbeddingsResponse:
+        """OpenAI-compatible embeddings computed by the workers' model (mean-pooled, L2-normalised).
+
+        An input longer than the model's window is refused (422 naming its index), never cut.
+        """
+        if not _serves_model(settings.embed_model, body.model):
+            raise _invalid(["body", "model"], f"model {body.model!r} is not served here; use {settings.embed_model!r}")
+        texts = [body.input] if isinstance(body.input, str) else list(body.input)
+        out = _from_worker(scrub, client.embed, texts, timeout=60.0)
+        if out["too_long"]:
+            raise RequestValidationError([
+                {"type": "string_too_long", "loc": ("body", "input") if isinstance(body.input, str) else ("body", "input", i),
+                 "msg": f"input is {out['tokens'][i]} tokens, over the model's window of {out['window']}"}
+                for i in out["too_long"][:_MAX_REPORTED_ERRORS]
+            ])
+        if body.dimensions is not None and body.dimensions != out["dimension"]:
+            raise _invalid(["body", "dimensions"], f"the model's vectors have {out['dimension']} dimensions")
+        data = [Embedding(index=i, embedding=_encode_vector(v, body.encoding_format))
+                for i, v in enumerate(out["embeddings"])]
+        used = sum(out["tokens"])
+        return EmbeddingsResponse(data=data, model=settings.embed_model,
+                                  usage=EmbeddingsUsage(prompt_tokens=used, total_tokens=used))
+
+    app.include_router(v1)
+
+    # -- health ------------------------------------------------------------------------------
+    @app.get("/health", response_model=Health, tags=["health"],
+             responses={503: {"model": Health, "description": "Something is unavailable; see checks."}})
+    def health(request: Request) -> JSONResponse:
+        """Redis, the vector store (through a worker) and a consumer on each queue: 200 or 503.
+
+        Details are given to callers with the token (or to anyone when no token is set).
+        """
+        checks = _health_checks(client, settings, scrub)
+        ok = all(check["ok"] for check in checks.values())
+        shown = checks if _authorized(request, token) else None
+        body = Health(status="ok" if ok else "unavailable", checks=shown)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
+
+    _install_error_handlers(app, scrub)
+    _document_bodies(app)
+    return app
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ragq")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _bearer_check(token: str) -> Callable[..., None]:
+    """A dependency that requires ``Authorization: Bearer <token>`` when a token is set."""
+    scheme = HTTPBearer(auto_error=False, description="The server's RAGQ_API_TOKEN, when it sets one.")
+    expected = token.encode("utf-8")
+
+    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(scheme)) -> None:
+        if not expected:
+            return
+        given = credentials.credentials.encode("utf-8") if credentials else b""
+        if not hmac.compare_digest(given, expected):  # constant time in the token's content
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    return require_token
+
+
+def _authorized(request: Request, token: str) -> bool:
+    if not token:
+        return True
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8"), token.encode("utf-8"))
+
+
+def _scrubber(settings: Settings) -> Callable[[str], str]:
+    """Replace every configured secret in a message with ``***`` before it leaves the server."""
+    from urllib.parse import urlsplit
+
+    secrets = [s.get_secret_value() for s in (settings.api_token, settings.qdrant_api_key, settings.llm_api_key) if s]
+    password = urlsplit(settings.redis_dsn).password
+    secrets += [settings.redis_dsn] + ([password] if password else [])
+    secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def scrub(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    return scrub
+
+
+def _install_error_handlers(app: FastAPI, scrub: Callable[[str], str]) -> None:
+    def answer(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"detail": scrub(message)}, status_code=status)
+
+    @app.exception_handler(WorkerTimeout)
+    async def _timeout(_: Request, exc: WorkerTimeout) -> JSONResponse:
+        return answer(504, str(exc))
+
+    @app.exception_handler(RagqError)
+    async def _unavailable(_: Request, exc: RagqError) -> JSONResponse:
+        return answer(503, str(exc))
+
+    @app.exception_handler(redis.RedisError)
+    async def _redis(_: Request, exc: redis.RedisError) -> JSONResponse:
+        log.warning("Redis error: %s", scrub(str(exc)))
+        return answer(503, f"Redis is unavailable ({type(exc).__name__})")
+
+    @app.exception_handler(OperationalError)
+    async def _broker(_: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("broker error: %s", scrub(str(exc)))
+        return answer(503, "the message broker is unavailable")
+
+
+def _from_worker(scrub: Callable[[str], str], call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a synchronous worker request; a failure inside the worker becomes a 502."""
+    try:
+        return call(*args, **kwargs)
+    except (RagqError, redis.RedisError, OperationalError):
+        raise
+    except Exception as exc:  # raised by the task on the worker and re-raised by Celery
+        log.warning("worker request failed: %s: %s", type(exc).__name__, scrub(str(exc)))
+        raise HTTPException(502, f"the worker failed: {type(exc).__name__}: {scrub(str(exc))[:500]}") from None
+
+
+def _existing(client: Client, job_id: str) -> JobInfo:
+    info = client.job(job_id).refresh()
+    if info.status == JobStatus.not_found.value:
+        raise HTTPException(404, f"job {job_id} not found (expired or never created)")
+    return info
+
+
+def _invalid(loc: list[str | int], msg: str) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": tuple(loc), "msg": msg}])
+
+
+def _serves_model(served: str, asked: str) -> bool:
+    """The configured model, by its full name or its last path component."""
+    names = {served.lower(), served.rstrip("/").rsplit("/", 1)[-1].lower()}
+    return asked.lower() in names
+
+
+def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
+
+
+# -- ingest bodies ---------------------------------------------------------------------------------
+
+def _documents_body() -> dict[str, Any]:
+    schema = {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Document"}}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": schema},
+        "application/x-ndjson": {"schema": schema, "description": "JSONL: one Document object per line."},
+    }}}
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Publish the models that hand-parsed bodies refer to in the OpenAPI document."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in (Document,):
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _body_kind(content_type: str | None, body: bytes) -> Literal["json", "jsonl"]:
+    if not content_type:
+        return "json" if body.lstrip()[:1] == b"[" else "jsonl"
+    message = email.message.Message()
+    message["content-type"] = content_type
+    kind = message.get_content_type()
+    if kind == "application/json" or kind.endswith("+json"):
+        return "json"
+    if kind in JSONL_TYPES:
+        return "jsonl"
+    raise HTTPException(415, f"send application/json (an array) or application/x-ndjson (JSONL), not {kind}")
+
+
+def _parse_documents(body: bytes, content_type: str | None) -> list[Any]:
+    """The documents of an ingest body, or a 422 that names every invalid one, in body order."""
+    kind = _body_kind(content_type, body)
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _invalid(["body"], f"the body is not valid UTF-8 (byte {exc.start})") from None
+    if kind == "json":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise _json_error(exc, ("body",)) from None
+        if not isinstance(data, list):
+            raise _invalid(["body"], "expected a JSON array of documents (send JSONL as application/x-ndjson)")
+        located: list[tuple[tuple[Any, ...], Any]] = [(("body", n), obj) for n, obj in enumerate(data)]
+    else:
+        located = [(("body", f"line {lineno}"), line) for lineno, line in enumerate(text.splitlines(), start=1)
+                   if line.strip()]
+    if not located:
+        raise _invalid(["body"], "no documents")
+    docs: list[Any] = []
+    errors: list[dict[str, Any]] = []
+    for loc, obj in located:
+        if kind == "jsonl":
+            try:
+                obj = json.loads(obj)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                errors.extend(_json_error(exc, loc).errors())
+                continue
+        errors.extend(_document_errors(obj, loc))
+        if len(errors) >= _MAX_REPORTED_ERRORS:
+            break
+        docs.append(obj)
+    if errors:
+        raise RequestValidationError(errors[:_MAX_REPORTED_ERRORS])
+    return docs
+
+
+def _json_error(exc: Exception, loc: tuple[Any, ...]) -> RequestValidationError:
+    reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+    where = f" (column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+    return RequestValidationError([{"type": "json_invalid", "loc": loc, "msg": f"JSON decode error: {reason}{where}"}])
+
+
+_FIELD = re.compile(r"field '(\w+)'")
+
+
+def _document_errors(obj: Any, loc: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """Schema errors first (FastAPI's shape), then ragq's own checks (blank content, NUL)."""
+    try:
+        _DOCUMENT.validate_python(obj)
+    except ValidationError as exc:
+        return [{"type": e["type"], "loc": (*loc, *e["loc"]), "msg": e["msg"]}
+                for e in exc.errors(include_url=False, include_input=False)]
+    event = document_from_object(obj, item="", default_key="")
+    if isinstance(event, ItemError):
+        match = _FIELD.search(event.reason)
+        field = match.group(1) if match else "content"
+        return [{"type": "value_error", "loc": (*loc, field), "msg": event.reason}]
+    return []
+
+
+# -- health ------------------------------------------------------------------------------------------
+
+def _health_checks(client: Client, settings: Settings, scrub: Callable[[str], str]) -> dict[str, dict[str, Any]]:
+    checks: dict[str, dict[str, Any]] = {}
+    try:
+        client.redis.ping()
+        checks["redis"] = {"ok": True}
+    except redis.RedisError as exc:
+        checks["redis"] = {"ok": False, "error": scrub(f"{type(exc).__name__}: {exc}")}
+        checks["queues"] = {"ok": False, "error": "not checked: Redis is unreachable"}
+        checks["store"] = {"ok": False, "error": "not checked: Redis is unreachable"}
+        return checks
+
+    queues = (settings.ingest_queue, settings.qa_queue)
+    consumers = _consumers(client, queues)
+    missing = [q for q in queues if not consumers.get(q)]
+    checks["queues"] = {
+        "ok": not missing,
+        **{q: {"workers": consumers.get(q, []), "waiting": depth} for q, depth in client.queue_depths().items()},
+    }
+    if missing:
+        checks["queues"]["error"] = f"no worker consumes {', '.join(repr(q) for q in missing)}"
+    if not consumers.get(settings.qa_queue):
+        checks["store"] = {"ok": False, "error": f"not checked: no worker consumes {settings.qa_queue!r}"}
+        return checks
+    try:
+        info = client.store_info(timeout=HEALTH_STORE_TIMEOUT_S)
+        checks["store"] = {"ok": True, "collection": info.get("name"), "points": info.get("points"),
+                           "model": info.get("model"), "backend": info.get("backend")}
+    except Exception as exc:  # a timeout, or the store failing inside the worker
+        checks["store"] = {"ok": False, "error": scrub(f"{type(exc).__name__}: {exc}")[:500]}
+    return checks
+
+
+def _consumers(client: Client, queues: tuple[str, ...]) -> dict[str, list[str]]:
+    """Workers consuming each queue, from a broadcast with a short timeout."""
+    try:
+        replies = client.celery.control.inspect(timeout=HEALTH_INSPECT_TIMEOUT_S).active_queues() or {}
+    except Exception as exc:  # the broker went away between the ping and the broadcast
+        log.warning("inspect failed: %s", type(exc).__name__)
+        return {}
+    found: dict[str, list[str]] = {q: [] for q in queues}
+    for worker, consumed in sorted(replies.items()):
+        for queue in consumed or []:
+            if queue.get("name") in found:
+                found[queue["name"]].append(worker)
+    return found
