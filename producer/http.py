@@ -152,12 +152,15 @@ def _problem(description: str) -> dict[str, Any]:
     return {"model": Problem, "description": description}
 
 
-AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {401: _problem("Missing or wrong bearer token.")}
-BODY_RESPONSES: dict[int | str, dict[str, Any]] = {413: {
-    "description": "Request body over RAGQ_HTTP_MAX_BODY_BYTES (plain text when Content-Length announced it).",
-    "content": {"application/json": {"schema": Problem.model_json_schema()},
-                "text/plain": {"schema": {"type": "string"}}},
-}}
+#: Every /v1 route: the token, and the body limit (a too-large Content-Length is refused
+#: before the route runs, whatever the route).
+V1_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: _problem("Missing or wrong bearer token."),
+    413: {"description": "Request body over RAGQ_HTTP_MAX_BODY_BYTES (plain text when Content-Length announced it).",
+          "content": {"application/json": {"schema": Problem.model_json_schema()},
+                      "text/plain": {"schema": {"type": "string"}}}},
+}
+BODY_RESPONSES: dict[int | str, dict[str, Any]] = {400: _problem("The body could not be decoded.")}
 WORKER_RESPONSES: dict[int | str, dict[str, Any]] = {
     502: _problem("A worker failed the request."),
     503: _problem("Redis or the broker is unreachable."),
@@ -188,7 +191,7 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
         max_body_size=settings.http_max_body_bytes,
     )
     authorize = _bearer_check(token)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)], responses=AUTH_RESPONSES)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)], responses=V1_RESPONSES)
 
     # -- jobs --------------------------------------------------------------------------
     @v1.post(
@@ -245,7 +248,8 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
         return job.refresh()
 
     # -- synchronous requests through the workers -------------------------------------------
-    @v1.post("/search", response_model=SearchResponse, tags=["retrieval"], responses=WORKER_RESPONSES)
+    @v1.post("/search", response_model=SearchResponse, tags=["retrieval"],
+             responses={**BODY_RESPONSES, **WORKER_RESPONSES})
     def search(body: SearchRequest) -> SearchResponse:
         """Retrieve the ``top_k`` best-matching distinct documents, through a worker."""
         rows = _from_worker(scrub, client.search, body.query, top_k=body.top_k,
@@ -253,7 +257,8 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
         hits = [Hit(**source.__dict__) for source in (rows[0] if rows else [])]
         return SearchResponse(query=body.query, top_k=body.top_k, hits=hits)
 
-    @v1.post("/embeddings", response_model=EmbeddingsResponse, tags=["openai"], responses=WORKER_RESPONSES)
+    @v1.post("/embeddings", response_model=EmbeddingsResponse, tags=["openai"],
+             responses={**BODY_RESPONSES, **WORKER_RESPONSES})
     def embeddings(body: EmbeddingsRequest) -> EmbeddingsResponse:
         """OpenAI-compatible embeddings computed by the workers' model (mean-pooled, L2-normalised).
 
