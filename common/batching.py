@@ -38,14 +38,19 @@ def split_document(item: DocumentItem, max_bytes: int) -> list[DocumentItem]:
     return [replace(item, content=piece, segment=i, segments=len(pieces)) for i, piece in enumerate(pieces)]
 
 
+def _json_size(text: str) -> int:
+    """Bytes ``text`` takes inside a JSON message (escapes such as newlines count double)."""
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8"))
+
+
 def _split_text(text: str, budget: int) -> Iterator[str]:
-    """Cut at the last paragraph (or line, or space) break before ``budget`` UTF-8 bytes."""
+    """Cut at the last paragraph (or line, or space) break within ``budget`` message bytes."""
     while text:
-        if len(text.encode("utf-8")) <= budget:
+        if _json_size(text) <= budget:
             yield text
             return
         window = text[:budget]
-        while len(window.encode("utf-8")) > budget:  # multi-byte text: shrink to fit
+        while _json_size(window) > budget:  # multi-byte or escaped text: shrink to fit
             window = window[: int(len(window) * 0.9)]
         cut = -1
         for mark in ("\n\n", "\n", "。", ". ", " "):

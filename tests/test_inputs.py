@@ -134,3 +134,15 @@ def test_oversized_document_is_split_into_segments_without_losing_text() -> None
     assert all(encoded_size(p) <= 30_000 for p in parts)
     batches = list(pack_batches([doc], max_bytes=30_000))
     assert sum(len(b.items) for b in batches) == len(parts)
+
+
+def test_a_50_mb_document_splits_into_1_mb_segments_losslessly(tmp_path: Path) -> None:
+    line = "Elastic IP addresses can be bound to a virtual machine or a load balancer.\n"
+    content = line * (50 * 1024 * 1024 // len(line))
+    (tmp_path / "huge.json").write_text(json.dumps({"content": content, "url": "test://huge"}))
+    [doc], errors = read(tmp_path / "huge.json", max_document_bytes=64 * 1024 * 1024)
+    assert errors == [] and len(doc.content) >= 50 * 1024 * 1024 - len(line)
+    batches = list(pack_batches([doc], max_bytes=1_000_000))
+    parts = [item for b in batches for item in b.items]
+    assert len(parts) >= 50 and all(b.nbytes <= 1_000_000 for b in batches)
+    assert "".join(p.content for p in parts) == content
