@@ -249,6 +249,17 @@ class JobRecord:
         """queued -> in_progress when the first batch starts (a no-op afterwards)."""
         self.redis.eval(_START, 1, self._key(), time.time())
 
+    def begin_attempt(self, batch: int) -> int:
+        """Count one delivery of ``batch`` and return how many there have been.
+
+        A message whose worker dies mid-batch is delivered again; this count lets the
+        task give up after a few tries instead of looping on a poison message.
+        """
+        pipe = self.redis.pipeline()
+        pipe.hincrby(self._key(":attempts"), str(batch), 1)
+        pipe.expire(self._key(":attempts"), self.ttl)
+        return int(pipe.execute()[0])
+
     def batch_done(self, batch: int) -> bool:
         return bool(self.redis.sismember(self._key(":batches"), batch))
 

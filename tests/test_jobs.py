@@ -103,3 +103,9 @@ def test_duplicate_job_id_is_refused(redis_client: redis.Redis, prefix: str) -> 
     JobRecord.create(redis_client, JobKind.ingest, prefix=prefix, job_id="fixed")
     with pytest.raises(ValueError, match="already exists"):
         JobRecord.create(redis_client, JobKind.ingest, prefix=prefix, job_id="fixed")
+
+
+def test_attempts_are_counted_per_batch(redis_client: redis.Redis, prefix: str) -> None:
+    job = new_job(redis_client, prefix)
+    assert [job.begin_attempt(0) for _ in range(3)] == [1, 2, 3]
+    assert job.begin_attempt(1) == 1
