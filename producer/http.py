@@ -31,7 +31,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from kombu.exceptions import OperationalError
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints, TypeAdapter, ValidationError,
+    field_validator,
+)
 
 from common import tasknames
 from common.config import Settings
@@ -75,6 +78,13 @@ class Document(BaseModel):
 _DOCUMENT = TypeAdapter(Document)
 
 Text = Annotated[str, StringConstraints(min_length=1)]
+Int64 = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+FilterValue = StrictStr | Int64 | Annotated[list[StrictStr], Field(min_length=1)] | Annotated[
+    list[Int64], Field(min_length=1)]
+FieldName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+Filter = Annotated[dict[FieldName, FilterValue], Field(
+    max_length=16,
+    description='Exact match on payload fields, e.g. {"product": "Cloud DNS"}; a list matches any of its values.')]
 
 
 class Hit(BaseModel):
@@ -90,7 +100,7 @@ class SearchRequest(BaseModel):
 
     query: Annotated[str, StringConstraints(min_length=1, max_length=10_000)]
     top_k: int = Field(5, ge=1, le=100, description="Distinct documents to return.")
-    product: str | None = Field(None, description="Only documents of this product.")
+    filter: Filter | None = None
     timeout: float = Field(30.0, gt=0, le=300, description="Seconds to wait for a worker; 504 after that.")
 
 
@@ -207,7 +217,8 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
         (``["body", 3, "content"]``, or ``["body", "line 4", ...]`` for JSONL) and nothing
         is queued. Returns the job (as ``ragq status --json`` prints it) with 202.
         """
-        docs = _parse_documents(await request.body(), request.headers.get("content-type"))
+        body = await request.body()  # bounded by max_body_size: 413 past it
+        docs = await run_in_threadpool(_parse_documents, body, request.headers.get("content-type"))
         job = await run_in_threadpool(client.ingest_documents, docs, source="http")
         info = await run_in_threadpool(job.refresh)
         response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -253,7 +264,7 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
     def search(body: SearchRequest) -> SearchResponse:
         """Retrieve the ``top_k`` best-matching distinct documents, through a worker."""
         rows = _from_worker(scrub, client.search, body.query, top_k=body.top_k,
-                            filter={"product": body.product} if body.product else None, timeout=body.timeout)
+                            filter=body.filter or None, timeout=body.timeout)
         hits = [Hit(**source.__dict__) for source in (rows[0] if rows else [])]
         return SearchResponse(query=body.query, top_k=body.top_k, hits=hits)
 
@@ -451,8 +462,17 @@ def _body_kind(content_type: str | None, body: bytes) -> Literal["json", "jsonl"
     raise HTTPException(415, f"send application/json (an array) or application/x-ndjson (JSONL), not {kind}")
 
 
+Located = tuple[tuple[Any, ...], Any]  # (("body", 3) or ("body", "line 4"), the parsed value)
+Check = Callable[[Any, tuple[Any, ...]], list[dict[str, Any]]]
+
+
 def _parse_documents(body: bytes, content_type: str | None) -> list[Any]:
-    """The documents of an ingest body, or a 422 that names every invalid one, in body order."""
+    """The documents of an ingest body, or a 422 that names every invalid one."""
+    return [obj for _, obj in _parse_body(body, content_type, _document_errors, what="documents")]
+
+
+def _parse_body(body: bytes, content_type: str | None, check: Check, *, what: str) -> list[Located]:
+    """A JSON array or JSONL body, each value checked; one 422 lists every problem in body order."""
     kind = _body_kind(content_type, body)
     try:
         text = body.decode("utf-8-sig")
@@ -464,14 +484,14 @@ def _parse_documents(body: bytes, content_type: str | None) -> list[Any]:
         except (json.JSONDecodeError, RecursionError) as exc:
             raise _json_error(exc, ("body",)) from None
         if not isinstance(data, list):
-            raise _invalid(["body"], "expected a JSON array of documents (send JSONL as application/x-ndjson)")
-        located: list[tuple[tuple[Any, ...], Any]] = [(("body", n), obj) for n, obj in enumerate(data)]
+            raise _invalid(["body"], f"expected a JSON array of {what} (send JSONL as application/x-ndjson)")
+        located: list[Located] = [(("body", n), obj) for n, obj in enumerate(data)]
     else:
         located = [(("body", f"line {lineno}"), line) for lineno, line in enumerate(text.splitlines(), start=1)
                    if line.strip()]
     if not located:
-        raise _invalid(["body"], "no documents")
-    docs: list[Any] = []
+        raise _invalid(["body"], f"no {what}")
+    values: list[Located] = []
     errors: list[dict[str, Any]] = []
     for loc, obj in located:
         if kind == "jsonl":
@@ -480,13 +500,13 @@ def _parse_documents(body: bytes, content_type: str | None) -> list[Any]:
             except (json.JSONDecodeError, RecursionError) as exc:
                 errors.extend(_json_error(exc, loc).errors())
                 continue
-        errors.extend(_document_errors(obj, loc))
+        errors.extend(check(obj, loc))
         if len(errors) >= _MAX_REPORTED_ERRORS:
             break
-        docs.append(obj)
+        values.append((loc, obj))
     if errors:
         raise RequestValidationError(errors[:_MAX_REPORTED_ERRORS])
-    return docs
+    return values
 
 
 def _json_error(exc: Exception, loc: tuple[Any, ...]) -> RequestValidationError:

@@ -134,7 +134,7 @@ def test_ingest_json_then_search(http: httpx.Client, ingested: dict) -> None:
     assert body["top_k"] == 2 and len(body["hits"]) == 2
     assert body["hits"][0]["url"] == "https://docs.example.com/dns"
     assert set(body["hits"][0]) == {"url", "title", "product", "score", "text"}
-    only = http.post("/v1/search", json={"query": "storage", "top_k": 5, "product": "Object Storage"}).json()
+    only = http.post("/v1/search", json={"query": "storage", "top_k": 5, "filter": {"product": "Object Storage"}}).json()
     assert [h["product"] for h in only["hits"]] == ["Object Storage"]
 
 
@@ -219,7 +219,15 @@ def test_auth_and_no_secrets(server: Server, stack: Stack) -> None:
         assert TOKEN not in text and stack.env["RAGQ_REDIS_URL"] not in text
 
 
-def test_health(http: httpx.Client, stack: Stack) -> None:
+@pytest.fixture(scope="module")
+def lonely(stack: Stack) -> Iterator[Server]:
+    """A server whose qa queue no worker consumes (no token)."""
+    s = start_server(stack, RAGQ_QA_QUEUE="qa-nobody-consumes")
+    yield s
+    stop_server(s)
+
+
+def test_health(http: httpx.Client, lonely: Server) -> None:
     response = http.get("/health")
     assert response.status_code == 200, response.text
     body = response.json()
@@ -228,21 +236,18 @@ def test_health(http: httpx.Client, stack: Stack) -> None:
     assert checks["redis"] == {"ok": True}
     assert checks["queues"]["ok"] and checks["queues"]["ingest"]["workers"] and checks["queues"]["qa"]["workers"]
     assert checks["store"]["ok"] and checks["store"]["collection"] == "test_docs"
-    # A server whose qa queue no worker consumes is unhealthy, and says why.
-    lonely = start_server(stack, RAGQ_QA_QUEUE="qa-nobody-consumes")
-    try:
-        with lonely.client(token=None) as client:
-            response = client.get("/health")
-    finally:
-        stop_server(lonely)
+    # No worker on the qa queue: unhealthy, and it says why.
+    with lonely.client(token=None) as client:
+        response = client.get("/health")
     assert response.status_code == 503
     checks = response.json()["checks"]
     assert checks["redis"]["ok"] and not checks["queues"]["ok"] and not checks["store"]["ok"]
     assert "qa-nobody-consumes" in checks["queues"]["error"]
 
 
-def test_search_timeout_is_504(http: httpx.Client) -> None:
-    response = http.post("/v1/search", json={"query": "dns", "timeout": 0.001})
+def test_no_worker_is_504(lonely: Server) -> None:
+    with lonely.client(token=None) as client:
+        response = client.post("/v1/search", json={"query": "dns", "timeout": 1})
     assert response.status_code == 504
     assert "no worker answered" in response.json()["detail"]
 
