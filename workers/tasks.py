@@ -15,7 +15,10 @@ from typing import Any
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from common import tasknames
+from common.answering import Answerer, UnavailableGenerator, failed_batch
+from common.generators import Generator
 from common.ingest import failed_outcome
+from common.questions import QuestionItem
 from common.runtime import Runtime
 from common.schemas import DocumentItem, JobStatus
 from common.vectorstore import StoreError
@@ -50,6 +53,8 @@ def _warm_up(**_: Any) -> None:
             rt = runtime()
             if not queues or settings.ingest_queue in queues or settings.qa_queue in queues:
                 rt.embedder()
+            if not queues or settings.qa_queue in queues:
+                rt.generator()  # a local model loads here, not in the first question batch
             if settings.ingest_queue in queues:
                 rt.ingestor().ensure_collection()
         except Exception:  # the first task will raise the same error with its context
@@ -91,6 +96,42 @@ def ingest_batch(self, job_id: str, batch: int, items: list[dict[str, Any]]) -> 
         "seconds": round(outcome.seconds, 3),
         "tokens_per_s": round(outcome.tokens / outcome.seconds, 1) if outcome.seconds else None,
     }
+
+
+@app.task(name=tasknames.ANSWER_BATCH, bind=True)
+def answer_batch(self, job_id: str, batch: int, items: list[dict[str, Any]], generate: bool = True) -> dict[str, Any]:
+    """Retrieve and generate answers for one batch of questions of job ``job_id``."""
+    rt = runtime()
+    job = rt.job(job_id)
+    status = job.status()
+    if status in (JobStatus.cancelled, JobStatus.not_found) or job.batch_done(batch):
+        return {"job": job_id, "batch": batch, "skipped": status.value}
+    job.mark_started()
+    questions = [QuestionItem.from_dict(d) for d in items]
+    try:
+        result = Answerer.from_settings(rt.embedder(), rt.store(), _generator(rt) if generate else None,
+                                        settings).answer(questions, generate=generate)
+    except StoreError as exc:
+        if self.request.retries + 1 < settings.max_task_attempts:
+            raise self.retry(exc=exc, countdown=_backoff(self.request.retries))
+        result = failed_batch(questions, f"vector store unavailable after {settings.max_task_attempts} attempts: {exc}")
+    except Exception as exc:  # e.g. the soft time limit: record it rather than leave the job hanging
+        log.exception("question batch %s of job %s failed", batch, job_id)
+        result = failed_batch(questions, f"batch failed: {type(exc).__name__}: {exc}")
+    job.save_results(batch, result.lines)
+    job.finish_batch(batch, result.outcome)
+    o = result.outcome
+    return {"job": job_id, "batch": batch, "questions": len(questions), "completed": o.completed,
+            "failed": o.failed, "tokens": o.tokens, "seconds": round(o.seconds, 3)}
+
+
+def _generator(rt: Runtime) -> Generator:
+    """The process's generator; one that cannot be built fails each question with the reason."""
+    try:
+        return rt.generator()
+    except Exception as exc:
+        log.exception("could not build the %s generator", settings.llm_backend)
+        return UnavailableGenerator(f"could not start the {settings.llm_backend} generator: {type(exc).__name__}: {exc}")
 
 
 @app.task(name=tasknames.SEARCH)
