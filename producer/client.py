@@ -23,7 +23,8 @@ from common import tasknames
 from common.batching import pack_batches
 from common.config import Settings
 from common.inputs import InputEvent, InputReader, document_from_object
-from common.jobs import JobInfo, JobRecord
+from common.jobs import BatchOutcome, JobInfo, JobRecord
+from common.questions import AnswerResult, QuestionItem, QuestionReader, rejected_line
 from common.runtime import redis_client
 from common.schemas import DocumentItem, ItemError, JobKind, JobStatus, Source
 from workers.celeryconfig import build_config
@@ -88,6 +89,10 @@ class Job:
 
     def results(self) -> Iterable[dict[str, Any]]:
         return self.record().iter_results()
+
+    def answers(self) -> list[AnswerResult]:
+        """The output lines stored so far (all of them once finished), in input order."""
+        return [AnswerResult.from_line(line, job_id=self.id) for line in self.results()]
 
 
 class Client:
@@ -184,6 +189,123 @@ class Client:
             argsrepr=f"({job_id!r}, batch={batch}, documents={len(payload)}, bytes={nbytes})",
         )
 
+    # -- questions -------------------------------------------------------------------
+    def ask(
+        self,
+        question: str,
+        *,
+        top_k: int | None = None,
+        filter: Mapping[str, Any] | None = None,
+        timeout: float = 300.0,
+        generate: bool = True,
+    ) -> AnswerResult:
+        """Answer one question through the queue and wait for it (a one-question job).
+
+        A per-question failure (say the LLM endpoint is down) comes back in
+        ``AnswerResult.error`` with the sources still filled; :class:`RagqError` means no
+        answer at all (invalid question, no worker within ``timeout``).
+        """
+        obj: dict[str, Any] = {"custom_id": "1", "question": question}
+        if top_k is not None:
+            obj["top_k"] = top_k
+        if filter:
+            obj["filter"] = dict(filter)
+        item = QuestionReader().from_object(obj, where="question", default_id="1")
+        if not item.ok:
+            raise RagqError(f"invalid question: {item.error}")
+        job = self._submit_questions([item], meta={"inputs": ["(ask)"]}, generate=generate)
+        try:
+            info = job.wait(timeout, poll_s=0.1)
+        except JobTimeout:
+            job.cancel()
+            state = job.refresh()
+            if state.status in (JobStatus.queued.value, JobStatus.cancelled.value) and not state.started_at:
+                raise RagqError(
+                    f"no worker took the question within {timeout:.0f}s: is one running on the "
+                    f"'{self.settings.qa_queue}' queue? Start one with `ragq worker`."
+                ) from None
+            raise RagqError(f"no answer within {timeout:.0f}s (job {job.id} cancelled)") from None
+        answers = job.answers()
+        if not answers:
+            raise RagqError(f"job {job.id} ended {info.status} without an answer: {info.reason or info.errors}")
+        return answers[0]
+
+    def ask_file(self, path: str | Path, *, job_id: str | None = None, generate: bool = True) -> Job:
+        """Queue every question of a .jsonl or .txt file; returns once all are enqueued.
+
+        Bad lines become per-item errors (and error lines in the output); the rest runs.
+        """
+        try:
+            items = QuestionReader().read_file(path)
+        except (OSError, ValueError) as exc:
+            raise RagqError(str(exc)) from exc
+        return self._submit_questions(items, meta={"inputs": [str(path)]}, job_id=job_id, generate=generate)
+
+    def ask_many(
+        self,
+        questions: Iterable[str | Mapping[str, Any]],
+        *,
+        job_id: str | None = None,
+        generate: bool = True,
+    ) -> Job:
+        """Queue questions given as strings or JSONL-style objects (``{"custom_id", "question", ...}``).
+
+        ``generate=False`` makes a retrieval-only job: sources filled, ``answer`` null,
+        whatever backend the workers run (for evaluating retrieval, e.g. hit@k).
+        """
+        items = QuestionReader().read_objects(questions)
+        return self._submit_questions(items, meta={"inputs": ["(api)"]}, job_id=job_id, generate=generate)
+
+    def _submit_questions(
+        self,
+        items: Iterable[QuestionItem],
+        *,
+        meta: dict[str, Any],
+        job_id: str | None = None,
+        generate: bool = True,
+    ) -> Job:
+        self.ping()
+        size = max(1, self.settings.qa_batch_size)
+        record = JobRecord.create(
+            self.redis, JobKind.questions,
+            meta={**meta, "collection": self.settings.collection, "generate": generate, "batch_size": size},
+            prefix=self.settings.key_prefix, ttl=self.settings.job_ttl_s, job_id=job_id,
+        )
+        try:
+            batches = 0
+            batch: list[QuestionItem] = []
+            for item in items:
+                batch.append(item)
+                if len(batch) >= size:
+                    self._send_questions(record, batches, batch, generate)
+                    batches, batch = batches + 1, []
+            if batch:
+                self._send_questions(record, batches, batch, generate)
+                batches += 1
+            record.update_meta(batches=batches)
+        except BaseException as exc:
+            record.fail(f"producer stopped while enqueuing: {exc!r}")
+            raise
+        finally:
+            record.seal()
+        return Job(record.id, self)
+
+    def _send_questions(self, record: JobRecord, batch: int, items: list[QuestionItem], generate: bool) -> None:
+        """Enqueue one batch (refused lines ride along to keep their output place)."""
+        valid = sum(1 for i in items if i.ok)
+        errors = [ItemError(i.label, i.error) for i in items if i.error]
+        record.add_items(items=valid, batches=1, errors=errors)
+        if not valid:  # nothing for a worker to do: write the error lines here
+            record.save_results(batch, [rejected_line(i) for i in items])
+            record.finish_batch(batch, BatchOutcome())
+            return
+        self.celery.send_task(
+            tasknames.ANSWER_BATCH,
+            args=(record.id, batch, [i.to_dict() for i in items]),
+            kwargs={"generate": generate},
+            argsrepr=f"({record.id!r}, batch={batch}, questions={valid})",
+        )
+
     # -- retrieval -------------------------------------------------------------------
     def search(
         self,
@@ -230,6 +352,7 @@ class Client:
     def queue_depths(self) -> dict[str, int]:
         """Messages waiting per queue (Flower does not show this)."""
         return {q: int(self.redis.llen(q)) for q in (self.settings.ingest_queue, self.settings.qa_queue)}
+
 
 def _content_key(source: str, obj: Any) -> str:
     """The key of a document sent without ``id`` or ``url``: a hash of its fields."""
