@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 export RAGQ_DATA_DIR ?= $(CURDIR)/.ragq/data
 
-.PHONY: install redis demo test bench clean help
+.PHONY: install llamacpp redis demo test bench clean help
 
 help:
 	@echo "make demo   - set up, start Redis and a worker, ingest a corpus sample, search it"
@@ -32,13 +32,23 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# llama.cpp's OpenAI-compatible server, which the tests run as a real endpoint. It builds
+# from source (minutes); GGML_NATIVE=OFF makes a portable build: a native one uses CPU
+# instructions (AMX) that some VMs advertise but refuse, and then crashes on a prompt.
+LLAMA_CPP_SPEC ?= llama-cpp-python[server]==0.3.36
+$(VENV)/.llamacpp: | $(VENV)/.installed
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q "$(LLAMA_CPP_SPEC)"
+	touch $@
+
+llamacpp: $(VENV)/.llamacpp
+
 redis: install
 	@$(BIN)/python scripts/ensure_redis.py
 
 demo: install redis
 	$(BIN)/python scripts/demo.py
 
-test: install redis
+test: install llamacpp redis
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: install redis
