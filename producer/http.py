@@ -193,6 +193,8 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
     client = client or Client(settings)
     token = settings.api_token.get_secret_value() if settings.api_token else ""
     scrub = _scrubber(settings)
+    # Short timeouts and no retries: /health and sorting out failures must answer fast.
+    probe = redis.Redis.from_url(settings.redis_dsn, socket_connect_timeout=1.0, socket_timeout=2.0)
 
     app = FastAPI(
         title="ragq",
@@ -263,7 +265,7 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
              responses={**BODY_RESPONSES, **WORKER_RESPONSES})
     def search(body: SearchRequest) -> SearchResponse:
         """Retrieve the ``top_k`` best-matching distinct documents, through a worker."""
-        rows = _from_worker(scrub, client.search, body.query, top_k=body.top_k,
+        rows = _from_worker(scrub, probe, client.search, body.query, top_k=body.top_k,
                             filter=body.filter or None, timeout=body.timeout)
         hits = [Hit(**source.__dict__) for source in (rows[0] if rows else [])]
         return SearchResponse(query=body.query, top_k=body.top_k, hits=hits)
@@ -278,7 +280,7 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
         if not _serves_model(settings.embed_model, body.model):
             raise _invalid(["body", "model"], f"model {body.model!r} is not served here; use {settings.embed_model!r}")
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
-        out = _from_worker(scrub, client.embed, texts, timeout=60.0)
+        out = _from_worker(scrub, probe, client.embed, texts, timeout=60.0)
         if out["too_long"]:
             raise RequestValidationError([
                 {"type": "string_too_long", "loc": ("body", "input") if isinstance(body.input, str) else ("body", "input", i),
@@ -303,7 +305,7 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
 
         Details are given to callers with the token (or to anyone when no token is set).
         """
-        checks = _health_checks(client, settings, scrub)
+        checks = _health_checks(client, settings, scrub, probe)
         ok = all(check["ok"] for check in checks.values())
         shown = checks if _authorized(request, token) else None
         body = Health(status="ok" if ok else "unavailable", checks=shown)
@@ -387,15 +389,27 @@ def _install_error_handlers(app: FastAPI, scrub: Callable[[str], str]) -> None:
         return answer(503, "the message broker is unavailable")
 
 
-def _from_worker(scrub: Callable[[str], str], call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a synchronous worker request; a failure inside the worker becomes a 502."""
+def _from_worker(
+    scrub: Callable[[str], str], probe: redis.Redis, call: Callable[..., T], *args: Any, **kwargs: Any
+) -> T:
+    """Run a synchronous worker request: a failure inside the worker becomes a 502, one
+    because Redis went away (Celery raises a bare RuntimeError then) a 503."""
     try:
         return call(*args, **kwargs)
     except (RagqError, redis.RedisError, OperationalError):
         raise
-    except Exception as exc:  # raised by the task on the worker and re-raised by Celery
+    except Exception as exc:  # raised by the task on the worker and re-raised by Celery, or by Celery
         log.warning("worker request failed: %s: %s", type(exc).__name__, scrub(str(exc)))
+        if not _answers(probe):
+            raise HTTPException(503, "Redis is unavailable") from None
         raise HTTPException(502, f"the worker failed: {type(exc).__name__}: {scrub(str(exc))[:500]}") from None
+
+
+def _answers(probe: redis.Redis) -> bool:
+    try:
+        return bool(probe.ping())
+    except redis.RedisError:
+        return False
 
 
 def _existing(client: Client, job_id: str) -> JobInfo:
@@ -535,10 +549,12 @@ def _document_errors(obj: Any, loc: tuple[Any, ...]) -> list[dict[str, Any]]:
 
 # -- health ------------------------------------------------------------------------------------------
 
-def _health_checks(client: Client, settings: Settings, scrub: Callable[[str], str]) -> dict[str, dict[str, Any]]:
+def _health_checks(
+    client: Client, settings: Settings, scrub: Callable[[str], str], probe: redis.Redis
+) -> dict[str, dict[str, Any]]:
     checks: dict[str, dict[str, Any]] = {}
     try:
-        client.redis.ping()
+        probe.ping()
         checks["redis"] = {"ok": True}
     except redis.RedisError as exc:
         checks["redis"] = {"ok": False, "error": scrub(f"{type(exc).__name__}: {exc}")}

@@ -245,6 +245,21 @@ def test_health(http: httpx.Client, lonely: Server) -> None:
     assert "qa-nobody-consumes" in checks["queues"]["error"]
 
 
+def test_redis_down_is_503_fast_and_secret_free(stack: Stack) -> None:
+    password = "hunter2-redis-password"
+    down = start_server(stack, RAGQ_REDIS_URL=f"redis://:{password}@127.0.0.1:{free_port()}/0")
+    try:
+        with down.client(token=None) as client:
+            started = time.monotonic()
+            response = client.get("/health")
+            assert time.monotonic() - started < 5
+            assert response.status_code == 503
+            assert not response.json()["checks"]["redis"]["ok"]
+            assert password not in response.text
+    finally:
+        stop_server(down)
+
+
 def test_no_worker_is_504(lonely: Server) -> None:
     with lonely.client(token=None) as client:
         response = client.post("/v1/search", json={"query": "dns", "timeout": 1})
