@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from common import metrics
 from common.chunking import Chunk, Chunker
 from common.embedding import Embedder
 from common.jobs import BatchOutcome
@@ -63,6 +64,7 @@ class Ingestor:
         started = time.perf_counter()
         outcome = BatchOutcome()
         self.ensure_collection()
+        lap = metrics.Lap()  # stage timings: tokenize (chunking), embed, upsert
         prepared: list[_Prepared] = []
         for item in items:
             try:
@@ -76,7 +78,9 @@ class Ingestor:
             prepared.append(_Prepared(item, chunks))
 
         texts = [chunk.text for p in prepared for chunk in p.chunks]
+        lap("tokenize")
         vectors, stats = self.embedder.encode_with_stats(texts)
+        lap("embed")
         points: list[StoredChunk] = []
         row = 0
         for p in prepared:
@@ -91,6 +95,7 @@ class Ingestor:
         for p in prepared:
             self.store.delete_stale(p.item.key, p.item.version)
             self._succeed(outcome, p.item)
+        lap("upsert")
         outcome.chunks = len(points)
         outcome.tokens = stats.tokens
         outcome.seconds = time.perf_counter() - started

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from common import tasknames
+from common import metrics, tasknames
 from common.answering import Answerer, UnavailableGenerator, failed_batch
 from common.generators import Generator
 from common.ingest import failed_outcome
@@ -25,6 +25,7 @@ from common.vectorstore import StoreError
 from workers.app import app, settings
 
 log = logging.getLogger("ragq.worker")
+metrics.install_worker_hooks(settings)  # counters and stage timings -> Redis after each task
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
@@ -90,6 +91,8 @@ def ingest_batch(self, job_id: str, batch: int, items: list[dict[str, Any]]) -> 
             raise self.retry(exc=exc, countdown=_backoff(self.request.retries))
         outcome = failed_outcome(docs, f"vector store unavailable after {settings.max_task_attempts} attempts: {exc}")
     job.finish_batch(batch, outcome)
+    metrics.count(documents=len(docs) - len(outcome.errors), documents_failed=len(outcome.errors),
+                  chunks=outcome.chunks, tokens=outcome.tokens)
     return {
         "job": job_id, "batch": batch, "documents": len(docs), "completed": outcome.completed,
         "failed": outcome.failed, "chunks": outcome.chunks, "tokens": outcome.tokens,
@@ -140,7 +143,9 @@ def search(queries: list[str], top_k: int = 5, filter: dict[str, Any] | None = N
     from common.retrieval import retrieve
 
     rt = runtime()
+    lap = metrics.Lap()
     hits = retrieve(rt.embedder(), rt.store(), queries, top_k=top_k, filter=filter)
+    lap("search")
     return [[source.__dict__ for source in row] for row in hits]
 
 
