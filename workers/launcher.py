@@ -2,8 +2,18 @@
 
 Each process sees exactly one GPU through ``CUDA_VISIBLE_DEVICES`` and is named after
 it (``ingest-gpu0@host``), so Flower shows which device did what. The launcher stays
-in the foreground, passes SIGINT/SIGTERM on (Celery's warm shutdown: the running batch
-finishes, prefetched ones go back to the queue) and restarts a process that dies.
+in the foreground and restarts a process that dies (after killing anything the dead
+process left behind in its process group).
+
+Stopping drains: the first SIGTERM/SIGINT is passed on as SIGTERM, Celery's warm
+shutdown (the running batch finishes and is acked, a prefetched one goes back to the
+queue); a second one, or ``drain_timeout_s`` running out, sends SIGQUIT, Celery's cold
+shutdown (the running batch is abandoned unacked and the broker requeues it). Each
+worker runs in its own process group, so a Ctrl-C in the terminal reaches the launcher
+only and Celery sees one signal, not the terminal's SIGINT plus the forwarded SIGTERM
+(two signals would turn the warm shutdown into a cold one). A launcher killed outright
+(SIGKILL) takes its workers with it (Linux ``PR_SET_PDEATHSIG``), as if they shared its
+process group, so it leaves no orphans consuming the queues.
 """
 
 from __future__ import annotations
@@ -90,26 +100,75 @@ def plan_workers(
     return specs
 
 
-class Supervisor:
-    """Keeps the planned worker processes running until told to stop."""
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed too if the launcher is killed."""
+    if sys.platform.startswith("linux"):
+        import ctypes
 
-    def __init__(self, specs: Sequence[WorkerSpec]) -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
+class Supervisor:
+    """Keeps the planned worker processes running until told to stop, then drains them."""
+
+    #: After SIGQUIT, seconds to wait before SIGKILL.
+    COLD_GRACE_S = 30.0
+
+    def __init__(self, specs: Sequence[WorkerSpec], *, drain_timeout_s: float | None = None,
+                 poll_s: float = 0.5) -> None:
         self.specs = list(specs)
         self.procs: dict[str, subprocess.Popen] = {}
         self.started: dict[str, float] = {}
         self.fast_exits: dict[str, int] = {}
+        self.restart_at: dict[str, float] = {}
+        self.drain_timeout_s = drain_timeout_s
+        self.poll_s = poll_s
         self.stopping = False
+        self.signals_received = 0
+        self.stop_since: float | None = None
+        self.escalated: float | None = None
 
     def _start(self, spec: WorkerSpec) -> None:
-        self.procs[spec.name] = subprocess.Popen(spec.argv, env=spec.env)
+        self.procs[spec.name] = subprocess.Popen(spec.argv, env=spec.env, process_group=0,
+                                                 preexec_fn=_die_with_parent)
         self.started[spec.name] = time.monotonic()
         print(f"ragq: started {spec.name} (pid {self.procs[spec.name].pid})", file=sys.stderr, flush=True)
 
     def _signal_all(self, signum: int, _frame: object = None) -> None:
-        self.stopping = True
+        self.signals_received += 1
+        if not self.stopping:
+            self.stopping = True
+            self.stop_since = time.monotonic()
+            self.restart_at.clear()
+            print("ragq: draining (warm shutdown: running batches finish); "
+                  "signal again to requeue them instead", file=sys.stderr, flush=True)
+            self._send(signal.SIGTERM)
+        elif self.escalated is None:
+            self._escalate("second signal")
+
+    def _escalate(self, why: str) -> None:
+        self.escalated = time.monotonic()
+        print(f"ragq: {why}: cold shutdown, running batches go back to the queue", file=sys.stderr, flush=True)
+        self._send(signal.SIGQUIT)
+
+    def _send(self, signum: int) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+                try:
+                    proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    @staticmethod
+    def _reap_group(proc: subprocess.Popen) -> None:
+        """Kill what a dead worker left in its process group (a pool child mid-batch, say)."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._signal_all)
@@ -117,22 +176,37 @@ class Supervisor:
         for spec in self.specs:
             self._start(spec)
         status = 0
-        while self.procs:
-            time.sleep(0.5)
+        while self.procs or self.restart_at:
+            time.sleep(self.poll_s)
+            now = time.monotonic()
+            if self.stopping:
+                if (self.escalated is None and self.drain_timeout_s is not None
+                        and now - (self.stop_since or now) > self.drain_timeout_s):
+                    self._escalate(f"still draining after {self.drain_timeout_s:.0f}s")
+                elif self.escalated is not None and now - self.escalated > self.COLD_GRACE_S:
+                    self._send(signal.SIGKILL)
             for spec in self.specs:
+                if spec.name in self.restart_at and now >= self.restart_at[spec.name]:
+                    del self.restart_at[spec.name]
+                    self._start(spec)
                 proc = self.procs.get(spec.name)
                 if proc is None or proc.poll() is None:
                     continue
                 code = proc.returncode
                 del self.procs[spec.name]
+                self._reap_group(proc)
                 if self.stopping:
+                    print(f"ragq: {spec.name} stopped (code {code})", file=sys.stderr, flush=True)
+                    status = status or (code if code and code > 0 else 0)
                     continue
-                lived = time.monotonic() - self.started[spec.name]
+                lived = now - self.started[spec.name]
                 self.fast_exits[spec.name] = self.fast_exits.get(spec.name, 0) + 1 if lived < _FAST_EXIT_S else 0
                 if self.fast_exits[spec.name] > _MAX_FAST_RESTARTS:
                     print(f"ragq: {spec.name} keeps exiting (code {code}); giving up", file=sys.stderr, flush=True)
-                    status = code or 1
+                    status = code if code and code > 0 else 1
                     continue
-                print(f"ragq: {spec.name} exited with code {code}; restarting", file=sys.stderr, flush=True)
-                self._start(spec)
+                delay = min(2.0 ** (self.fast_exits[spec.name] - 1), 10.0) if self.fast_exits[spec.name] else 0.0
+                print(f"ragq: {spec.name} exited with code {code}; restarting"
+                      + (f" in {delay:.0f}s" if delay else ""), file=sys.stderr, flush=True)
+                self.restart_at[spec.name] = now + delay
         return status

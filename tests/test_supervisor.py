@@ -1,0 +1,199 @@
+"""``ragq worker``'s supervisor: restart after a crash, drain on SIGTERM, requeue on a
+second signal. Real processes: the Stack's ``ragq worker --gpus none`` and its Celery
+worker (prefork, one pool process) on the embedded store."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from common.jobs import JobRecord
+from producer.client import Client, RagqError
+from tests.conftest import REPO, Stack
+
+pytestmark = pytest.mark.fault
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc, no psutil)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def celery_main(stack: Stack) -> int:
+    assert stack.proc is not None and stack.proc.poll() is None
+    (pid,) = children(stack.proc.pid)
+    return pid
+
+
+def wait_answering(stack: Stack, timeout: float = 120.0) -> None:
+    client = Client(stack.settings())
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.store_info(timeout=5)
+            return
+        except RagqError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no worker answering after {timeout}s:\n{stack.log_text()[-3000:]}")
+
+
+def long_document(tmp_path: Path, name: str, words: int = 5000) -> Path:
+    """One document of a few thousand tokens: a batch that runs for seconds on a CPU."""
+    rng = random.Random(name)
+    vocab = "cloud server disk snapshot region zone network bandwidth billing image volume backup".split()
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps([{"id": name, "title": name, "content": " ".join(rng.choice(vocab) for _ in range(words))}]))
+    return path
+
+
+def start_batch(stack: Stack, path: Path, redis_client: redis.Redis) -> JobRecord:
+    """Queue ``path`` and return once a worker has started its batch."""
+    job_id = stack.cli("ingest", str(path), check=True).stdout.strip()
+    record = JobRecord(redis_client, job_id, prefix=stack.settings().key_prefix)
+    deadline = time.monotonic() + 60
+    while record.status().value != "in_progress":
+        assert time.monotonic() < deadline, f"batch never started:\n{stack.log_text()[-3000:]}"
+        time.sleep(0.05)
+    return record
+
+
+def test_supervisor_restarts_a_crashed_worker(stack: Stack) -> None:
+    old = celery_main(stack)
+    pool = children(old)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        now = [p for p in children(stack.proc.pid) if p != old]
+        if now:
+            break
+        assert time.monotonic() < deadline, stack.log_text()[-3000:]
+        time.sleep(0.2)
+    # the new worker owns the embedded store: the old pool process is gone with its parent
+    wait_answering(stack)
+    assert not [p for p in pool if Path(f"/proc/{p}").exists()]
+    assert "exited with code -9; restarting" in stack.log_text()
+    assert stack.proc.poll() is None
+
+
+def test_second_signal_requeues_the_running_batch(stack: Stack, tmp_path: Path, redis_client: redis.Redis) -> None:
+    record = start_batch(stack, long_document(tmp_path, "cold"), redis_client)
+    stack.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    stack.proc.send_signal(signal.SIGTERM)  # second signal: cold shutdown, batch back to the queue
+    assert stack.proc.wait(60) == 0
+    info = record.info()
+    assert info.status == "in_progress" and info.batches_done == 0, info
+    settings = stack.settings()
+    assert redis_client.llen(settings.ingest_queue) == 1  # requeued, not lost until the visibility timeout
+    assert "cold shutdown" in stack.log_text()
+
+    stack.start_worker()  # a new worker takes the requeued batch and finishes it
+    deadline = time.monotonic() + 120
+    while not record.info().is_finished:
+        assert time.monotonic() < deadline, stack.log_text()[-3000:]
+        time.sleep(0.2)
+    assert record.info().status == "completed" and record.info().completed == 1
+
+
+def test_sigterm_drains_the_running_batch(stack: Stack, tmp_path: Path, redis_client: redis.Redis) -> None:
+    record = start_batch(stack, long_document(tmp_path, "warm"), redis_client)
+    pids = [celery_main(stack)]
+    pids += children(pids[0])
+    stack.proc.send_signal(signal.SIGTERM)
+    assert stack.proc.wait(120) == 0
+    info = record.info()
+    assert info.status == "completed" and info.completed == 1 and info.chunks > 1, info  # finished, not dropped
+    assert redis_client.llen(stack.settings().ingest_queue) == 0
+    log = stack.log_text()
+    assert "Warm shutdown" in log and "stopped (code 0)" in log
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+def test_killed_launcher_takes_its_workers_with_it(stack: Stack) -> None:
+    stack.start_worker()
+    main = celery_main(stack)
+    tree = [main, *children(main)]
+    os.kill(stack.proc.pid, signal.SIGKILL)  # no chance to forward anything
+    stack.proc.wait(10)
+    deadline = time.monotonic() + 15
+    while [p for p in tree if _alive(p)]:
+        assert time.monotonic() < deadline, "workers outlived their launcher"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+_FAKE_WORKER = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: print("TERM ignored", flush=True))  # a batch that will not finish
+signal.signal(signal.SIGQUIT, lambda *_: (print("QUIT", flush=True), sys.exit(3)))
+print("up", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+_LAUNCHER = """
+import sys
+from workers.launcher import Supervisor, WorkerSpec
+spec = WorkerSpec("fake@test", None, [sys.executable, "-c", {code!r}], {{}})
+sys.exit(Supervisor([spec], drain_timeout_s={drain}, poll_s=0.05).run())
+"""
+
+
+def _launch(tmp_path: Path, drain: float | None) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / "launcher.log"
+    proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER.format(code=_FAKE_WORKER, drain=drain)],
+                            cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while "up" not in log.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    return proc, log
+
+
+def test_drain_timeout_escalates_to_cold_shutdown(tmp_path: Path) -> None:
+    proc, log = _launch(tmp_path, drain=0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 3
+    text = log.read_text()
+    assert text.index("TERM ignored") < text.index("still draining after 0s") < text.index("QUIT")
+
+
+def test_crash_restarts_and_second_signal_escalates(tmp_path: Path) -> None:
+    proc, log = _launch(tmp_path, drain=None)
+    (child,) = children(proc.pid)
+    os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while log.read_text().count("up") < 2:
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    assert "exited with code -9; restarting in 1s" in log.read_text()  # a fast exit backs off
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 3
+    assert "second signal: cold shutdown" in log.read_text()
