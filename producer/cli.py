@@ -232,7 +232,7 @@ def config(as_json: bool = typer.Option(False, "--json", help="Print as JSON on 
 
 
 #: Command groups that live in their own modules; each registers on ``app`` when imported.
-_COMMAND_MODULES: tuple[str, ...] = ("producer.cli_qa", "producer.cli_http")
+_COMMAND_MODULES: tuple[str, ...] = ("producer.cli_qa", "producer.cli_http", "producer.cli_ops")
 
 
 def main() -> None:
