@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import redis
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -40,8 +40,9 @@ from common import tasknames
 from common.config import Settings
 from common.inputs import document_from_object
 from common.jobs import JobInfo
+from common.questions import MAX_QUESTION_CHARS, MAX_TOP_K, QuestionReader
 from common.schemas import ItemError, JobStatus
-from producer.client import Client, RagqError, WorkerTimeout
+from producer.client import Client, JobTimeout, RagqError, WorkerTimeout
 
 log = logging.getLogger("ragq.http")
 
@@ -108,6 +109,52 @@ class SearchResponse(BaseModel):
     query: str
     top_k: int
     hits: list[Hit]
+
+
+class QuestionLine(BaseModel):
+    """One line of a question job (the format of `ragq ask-file`); other fields are ignored."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "custom_id": "q1", "question": "How do I resize a cloud disk?", "top_k": 5,
+        "filter": {"product": "Cloud Disk Service"}}]})
+
+    custom_id: StrictStr | Int64 | None = Field(
+        None, description="Echoed on the result line; unique in the job. Defaults to the line number "
+                          "(the 1-based position in a JSON array).")
+    question: Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUESTION_CHARS)]
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description="Documents retrieved (default RAGQ_TOP_K).")
+    filter: Filter | None = None
+
+
+_QUESTION = TypeAdapter(QuestionLine)
+
+
+class AnswerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUESTION_CHARS)]
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K,
+                              description="Documents retrieved for the prompt (default RAGQ_TOP_K).")
+    max_tokens: int | None = Field(None, ge=1, description=(
+        "Most tokens to generate. The workers generate up to RAGQ_LLM_MAX_TOKENS and the question format "
+        "has no per-question limit yet, so another value is refused (422) rather than ignored."))
+    filter: Filter | None = None
+    generate: bool = Field(True, description="false: retrieval only (sources, `answer` null).")
+    timeout: float = Field(120.0, gt=0, le=600, description="Seconds to wait for the answer; 504 after that.")
+
+
+class AnswerSource(Hit):
+    ref: int | None = Field(None, description="Its [n] in the prompt; null if it did not fit the context.")
+
+
+class AnswerResponse(BaseModel):
+    question: str
+    answer: str | None = Field(description="null for a retrieval-only request or the `none` LLM backend.")
+    sources: list[AnswerSource]
+    model: str | None
+    timings: dict[str, float]
+    usage: dict[str, int | None] | None
+    job_id: str
 
 
 class EmbeddingsRequest(BaseModel):
@@ -260,7 +307,67 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
             raise HTTPException(409, f"job {job_id} already finished ({info.status})")
         return job.refresh()
 
+    @v1.post(
+        "/questions", status_code=202, response_model=JobInfo, tags=["jobs"],
+        responses={**BODY_RESPONSES, 415: _problem("Body neither JSONL nor JSON."), **VALIDATION_RESPONSE,
+                   **STORE_RESPONSES},
+        openapi_extra=_lines_body("QuestionLine"),
+    )
+    async def questions(
+        request: Request,
+        response: Response,
+        generate: Annotated[bool, Query(description="false: a retrieval-only job (sources, no answers).")] = True,
+    ) -> JobInfo:
+        """Queue a question job: JSONL (one question object per line) or a JSON array of them.
+
+        Like ingest, the body is validated first and any invalid line answers 422 naming
+        it. Answers come from ``GET /v1/jobs/{id}/results``, one line per question, in order.
+        """
+        body = await request.body()
+        lines = await run_in_threadpool(_parse_questions, body, request.headers.get("content-type"))
+        job = await run_in_threadpool(client.ask_many, lines, generate=generate)
+        info = await run_in_threadpool(job.refresh)
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return info
+
     # -- synchronous requests through the workers -------------------------------------------
+    @v1.post("/answer", response_model=AnswerResponse, tags=["retrieval"],
+             responses={**BODY_RESPONSES, **WORKER_RESPONSES,
+                        502: _problem("A worker or the LLM failed this answer (sources in the job's results).")})
+    def answer(body: AnswerRequest) -> AnswerResponse:
+        """Retrieve and generate one answer through the workers, waiting up to ``timeout``.
+
+        ``top_k`` (documents retrieved) and ``max_tokens`` (length of the answer) are separate.
+        """
+        if body.max_tokens is not None and body.max_tokens != settings.llm_max_tokens:
+            raise _invalid(["body", "max_tokens"], f"only {settings.llm_max_tokens} (RAGQ_LLM_MAX_TOKENS) for now: "
+                                                   "the question format has no per-question limit yet")
+        line: dict[str, Any] = {"custom_id": "1", "question": body.question}
+        line.update({k: v for k, v in (("top_k", body.top_k), ("filter", body.filter)) if v})
+        problems = _question_errors(QuestionReader())(line, ("body",))
+        if problems:
+            raise RequestValidationError(problems)
+        job = client.ask_many([line], generate=body.generate)
+        try:
+            job.wait(body.timeout, poll_s=0.1)
+        except JobTimeout:
+            job.cancel()
+            taken = job.refresh().started_at is not None
+            raise WorkerTimeout(
+                f"no answer within {body.timeout:g}s (job {job.id} cancelled)" if taken else
+                f"no worker took the question within {body.timeout:g}s: is one running on the "
+                f"{settings.qa_queue!r} queue?") from None
+        answers = job.answers()
+        if not answers or answers[0].error:
+            reason = answers[0].error if answers else "no answer line"
+            raise HTTPException(502, scrub(f"the answer failed: {reason} (job {job.id})")[:1000])
+        result = answers[0]
+        return AnswerResponse(
+            question=result.question, answer=result.answer, model=result.model, timings=result.timings,
+            usage=result.usage, job_id=job.id,
+            sources=[AnswerSource(**{k: s.get(k) for k in AnswerSource.model_fields}) for s in result.sources],
+        )
+
     @v1.post("/search", response_model=SearchResponse, tags=["retrieval"],
              responses={**BODY_RESPONSES, **WORKER_RESPONSES})
     def search(body: SearchRequest) -> SearchResponse:
@@ -438,10 +545,15 @@ def _encode_vector(vector: list[float], encoding: str) -> list[float] | str:
 # -- ingest bodies ---------------------------------------------------------------------------------
 
 def _documents_body() -> dict[str, Any]:
-    schema = {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Document"}}
+    return _lines_body("Document")
+
+
+def _lines_body(model: str) -> dict[str, Any]:
+    """A body of many objects: JSONL (one per line) or a JSON array; both are described as arrays."""
+    schema = {"type": "array", "minItems": 1, "items": {"$ref": f"#/components/schemas/{model}"}}
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": schema},
-        "application/x-ndjson": {"schema": schema, "description": "JSONL: one Document object per line."},
+        "application/x-ndjson": {"schema": schema, "description": f"JSONL: one {model} object per line."},
     }}}
 
 
@@ -454,7 +566,7 @@ def _document_bodies(app: FastAPI) -> None:
             return app.openapi_schema
         schema = build()
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in (Document,):
+        for model in (Document, QuestionLine):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema
@@ -545,6 +657,40 @@ def _document_errors(obj: Any, loc: tuple[Any, ...]) -> list[dict[str, Any]]:
         field = match.group(1) if match else "content"
         return [{"type": "value_error", "loc": (*loc, field), "msg": event.reason}]
     return []
+
+
+def _parse_questions(body: bytes, content_type: str | None) -> list[Any]:
+    """The question objects of a body, each with its custom_id (default: its line number)."""
+    located = _parse_body(body, content_type, _question_errors(QuestionReader()), what="questions")
+    return [{**obj, "custom_id": _default_id(loc) if obj.get("custom_id") is None else obj["custom_id"]}
+            for loc, obj in located]
+
+
+def _default_id(loc: tuple[Any, ...]) -> str:
+    where = loc[-1]
+    return str(where + 1) if isinstance(where, int) else str(where).removeprefix("line ")
+
+
+_QUESTION_FIELD = re.compile(r"(?:field|filter) '(\w+)'|(question|custom_id)")
+
+
+def _question_errors(reader: QuestionReader) -> Check:
+    """Schema errors first, then the question format's own checks (duplicate ids, blank questions)."""
+
+    def check(obj: Any, loc: tuple[Any, ...]) -> list[dict[str, Any]]:
+        try:
+            _QUESTION.validate_python(obj)
+        except ValidationError as exc:
+            return [{"type": e["type"], "loc": (*loc, *e["loc"]), "msg": e["msg"]}
+                    for e in exc.errors(include_url=False, include_input=False)]
+        item = reader.from_object(obj, where=str(loc), default_id=_default_id(loc))
+        if item.error:
+            match = _QUESTION_FIELD.search(item.error)
+            field = "filter" if item.error.startswith("filter") else (match and (match.group(1) or match.group(2)))
+            return [{"type": "value_error", "loc": (*loc, field) if field else loc, "msg": item.error}]
+        return []
+
+    return check
 
 
 # -- health ------------------------------------------------------------------------------------------

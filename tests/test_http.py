@@ -267,6 +267,64 @@ def test_no_worker_is_504(lonely: Server) -> None:
     assert "no worker answered" in response.json()["detail"]
 
 
+# -- questions --------------------------------------------------------------------------------------
+
+def test_question_job_and_results(http: httpx.Client, ingested: dict) -> None:
+    body = (b'{"custom_id": "q-dns", "question": "Which DNS records can I manage?", "top_k": 2}\n'
+            b'\n'
+            b'{"question": "How is object storage billed?", "filter": {"product": "Object Storage"}}\n')
+    response = http.post("/v1/questions", content=body, headers={"content-type": "application/x-ndjson"})
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert (job["kind"], job["total"]) == ("questions", 2)
+    assert response.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert wait_job(http, job["id"])["status"] == "completed"
+    results = http.get(f"/v1/jobs/{job['id']}/results")
+    assert results.status_code == 200 and results.headers["x-ragq-job-finished"] == "true"
+    lines = [json.loads(line) for line in results.text.splitlines()]
+    assert [line["custom_id"] for line in lines] == ["q-dns", "3"]  # default id: the line number
+    assert lines[0]["sources"][0]["url"] == "https://docs.example.com/dns" and len(lines[0]["sources"]) == 2
+    assert [s["product"] for s in lines[1]["sources"]] == ["Object Storage"]
+    assert all(line["answer"] is None and line["error"] is None for line in lines)  # the stack's LLM backend: none
+
+
+def test_question_validation_names_the_line(http: httpx.Client) -> None:
+    body = (b'{"custom_id": "a", "question": "ok?"}\n{"custom_id": "a", "question": "again?"}\n'
+            b'{"question": "x", "top_k": 0}\n{"question": "   "}\n')
+    response = http.post("/v1/questions", content=body, headers={"content-type": "application/x-ndjson"})
+    assert response.status_code == 422
+    assert [e["loc"] for e in response.json()["detail"]] == [
+        ["body", "line 2", "custom_id"], ["body", "line 3", "top_k"], ["body", "line 4", "question"]]
+    as_array = http.post("/v1/questions", json=[{"question": "a JSON array works too"}], params={"generate": "false"})
+    assert as_array.status_code == 202 and as_array.json()["meta"]["generate"] is False
+
+
+def test_answer(http: httpx.Client, ingested: dict, stack: Stack) -> None:
+    response = http.post("/v1/answer", json={"question": "Which DNS records can I manage?", "top_k": 2})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["answer"] is None and body["model"] == "none"  # the stack's LLM backend: none
+    assert [s["url"] for s in body["sources"]][0] == "https://docs.example.com/dns" and len(body["sources"]) == 2
+    assert http.get(f"/v1/jobs/{body['job_id']}").json()["status"] == "completed"
+    default = stack.settings().llm_max_tokens
+    assert http.post("/v1/answer", json={"question": "dns?", "max_tokens": default}).status_code == 200
+    refused = http.post("/v1/answer", json={"question": "dns?", "max_tokens": default + 1})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "max_tokens"]
+    assert http.post("/v1/answer", json={"question": "  "}).json()["detail"][0]["loc"] == ["body", "question"]
+
+
+def test_waiting_question_job_and_answer_timeout(lonely: Server) -> None:
+    with lonely.client(token=None) as client:
+        job = client.post("/v1/questions", json=[{"question": "anyone there?"}]).json()
+        partial = client.get(f"/v1/jobs/{job['id']}/results")
+        assert (partial.status_code, partial.text) == (200, "")
+        assert partial.headers["x-ragq-job-status"] == "queued" and partial.headers["x-ragq-job-finished"] == "false"
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+        response = client.post("/v1/answer", json={"question": "anyone there?", "timeout": 1})
+    assert response.status_code == 504
+    assert "no worker took the question" in response.json()["detail"]
+
+
 # -- OpenAI-compatible embeddings -----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
