@@ -75,12 +75,15 @@ def flower_url(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="module")
 def ingested(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Three tiny documents ingested through the CLI, so workers have counted something."""
+    """Three tiny documents ingested and two questions asked through the CLI, so the worker has counted."""
     path = tmp_path_factory.mktemp("docs") / "docs.jsonl"
     path.write_text("".join(json.dumps({"id": f"m{i}", "title": f"Metrics {i}",
                                         "content": f"Elastic IP {i} binds to a cloud server instance."}) + "\n"
                             for i in range(3)))
     result = stack.cli("ingest", str(path), "--wait", "--json", timeout=120, check=True)
+    questions = path.with_name("questions.txt")
+    questions.write_text("What does an elastic IP bind to?\nWhich instance has elastic IP 2?\n")
+    stack.cli("ask-file", str(questions), "--retrieval-only", "--wait", timeout=120, check=True)
     return json.loads(result.stdout)["id"]
 
 
@@ -170,8 +173,9 @@ def test_metrics_endpoint(stack: Stack, ingested: str, tmp_path: Path) -> None:
     docs = sum(s.value for s in samples["ragq_documents_embedded_total"])
     assert docs >= 3  # the CLI's three, plus Flower's three if that test ran first
     assert sum(s.value for s in samples["ragq_tokens_embedded_total"]) > docs
+    assert sum(s.value for s in samples["ragq_questions_answered_total"]) == 2
     succeeded = {s.labels["queue"]: s.value for s in samples["ragq_tasks_total"] if s.labels["state"] == "succeeded"}
-    assert succeeded["ingest"] >= 1
+    assert succeeded["ingest"] >= 1 and succeeded["qa"] >= 1
     stage_counts = {s.labels["stage"]: s.value for s in samples["ragq_stage_duration_seconds_count"]}
     assert {"tokenize", "embed", "upsert"} <= set(stage_counts)
     assert stage_counts["embed"] == succeeded["ingest"]  # one observation per stage per batch

@@ -124,6 +124,7 @@ def answer_batch(self, job_id: str, batch: int, items: list[dict[str, Any]], gen
     job.save_results(batch, result.lines)
     job.finish_batch(batch, result.outcome)
     o = result.outcome
+    metrics.count(questions=o.completed, questions_failed=o.failed)
     return {"job": job_id, "batch": batch, "questions": len(questions), "completed": o.completed,
             "failed": o.failed, "tokens": o.tokens, "seconds": round(o.seconds, 3)}
 
