@@ -35,6 +35,16 @@ def item_label(item: DocumentItem) -> str:
     return item.item
 
 
+def make_chunker(embedder: Embedder, chunk_tokens: int, overlap: int) -> Chunker:
+    """A chunker whose chunks fit ``embedder``'s window.
+
+    Room is left for the special tokens, and a little for re-tokenising a chunk's text,
+    which can differ by a token or two at its edges.
+    """
+    window = embedder.max_tokens - embedder.special_tokens - 4
+    return Chunker(embedder.tokenizer, max_tokens=min(chunk_tokens, window), overlap=overlap)
+
+
 def failed_outcome(items: Sequence[DocumentItem], reason: str) -> BatchOutcome:
     """Every item of a batch failed for one reason (e.g. the store stayed unreachable)."""
     outcome = BatchOutcome()
@@ -49,10 +59,7 @@ class Ingestor:
     def __init__(self, embedder: Embedder, store: VectorStore, chunk_tokens: int = 256, overlap: int = 32):
         self.embedder = embedder
         self.store = store
-        # Leave room for the special tokens, and a little for re-tokenising a chunk's
-        # text, which can differ by a token or two at its edges.
-        window = embedder.max_tokens - embedder.special_tokens - 4
-        self.chunker = Chunker(embedder.tokenizer, max_tokens=min(chunk_tokens, window), overlap=overlap)
+        self.chunker = make_chunker(embedder, chunk_tokens, overlap)
         self._collection_ready = False
 
     def ensure_collection(self) -> None:
