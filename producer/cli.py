@@ -195,15 +195,19 @@ def search(
 
 @app.command()
 def worker(
-    queues: str = typer.Option("ingest,qa", help="Comma-separated queues to consume."),
+    queues: Optional[str] = typer.Option(
+        None, help="Comma-separated queues to consume [default: RAGQ_INGEST_QUEUE,RAGQ_QA_QUEUE, i.e. ingest,qa]."),
     gpus: str = typer.Option("all", help="'all', 'none' (CPU) or GPU indices such as '0,2': one process per GPU."),
     pool: str = typer.Option("prefork", help="Celery pool of each process (prefork: crash-isolated, time limits enforced)."),
     loglevel: str = typer.Option("INFO", help="Celery log level."),
+    drain_timeout: Optional[float] = typer.Option(
+        None, help="On SIGTERM, seconds to let running batches finish before requeueing them [default: wait]."),
 ) -> None:
     """Start pinned worker processes (one per GPU, or one on the CPU) and supervise them."""
     from workers.launcher import Supervisor, plan_workers, select_gpus
 
     settings = Settings()
+    queues = queues or f"{settings.ingest_queue},{settings.qa_queue}"
     try:
         chosen = select_gpus(gpus)
     except ValueError as exc:
@@ -215,7 +219,7 @@ def worker(
         chosen = chosen[:1]
     names = [q.strip() for q in queues.split(",") if q.strip()]
     specs = plan_workers(names, chosen, pool=pool, loglevel=loglevel)
-    raise typer.Exit(Supervisor(specs).run())
+    raise typer.Exit(Supervisor(specs, drain_timeout_s=drain_timeout).run())
 
 
 @app.command()

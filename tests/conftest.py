@@ -71,10 +71,15 @@ class Stack:
     """A private ragq deployment for a test module: settings, env and one worker."""
 
     def __init__(self, redis_url: str, data_dir: Path, **overrides: str) -> None:
+        tag = uuid.uuid4().hex[:6]
+        # Own key prefix and queue names: a worker left over from another run in the
+        # same database can never take this stack's tasks.
         self.env_vars = {
             "RAGQ_REDIS_URL": redis_url,
             "RAGQ_DATA_DIR": str(data_dir),
-            "RAGQ_KEY_PREFIX": f"ragq-test-{uuid.uuid4().hex[:6]}",
+            "RAGQ_KEY_PREFIX": f"ragq-test-{tag}",
+            "RAGQ_INGEST_QUEUE": f"ingest-{tag}",
+            "RAGQ_QA_QUEUE": f"qa-{tag}",
             "RAGQ_COLLECTION": "test_docs",
             "RAGQ_LLM_BACKEND": "none",
             **overrides,
@@ -89,8 +94,9 @@ class Stack:
         values.update(changes)
         return Settings(_env_file=None, **values)
 
-    def start_worker(self, queues: str = "ingest,qa", timeout: float = 120.0) -> None:
+    def start_worker(self, queues: str | None = None, timeout: float = 120.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        queues = queues or f"{self.env_vars['RAGQ_INGEST_QUEUE']},{self.env_vars['RAGQ_QA_QUEUE']}"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "producer", "worker", "--gpus", "none", "--queues", queues,

@@ -137,7 +137,7 @@ def test_flower_api_submits_and_polls_an_ingest_batch(stack: Stack, flower_url: 
     task = httpx.get(f"{flower_url}/api/task/info/{task_id}", auth=FLOWER_AUTH, timeout=10)
     if task.status_code == 200:  # events can lag a poll behind the result
         assert task.json()["name"] == "ragq.ingest_batch"
-        assert task.json()["routing_key"] == "ingest"
+        assert task.json()["routing_key"] == stack.env_vars["RAGQ_INGEST_QUEUE"]
         assert "Load balancer" not in task.json()["args"]
 
     flower_metrics = httpx.get(f"{flower_url}/metrics", timeout=10).text  # Flower's own, unauthenticated
@@ -163,22 +163,23 @@ def test_metrics_endpoint(stack: Stack, ingested: str, tmp_path: Path) -> None:
         stop_server(proc)
     samples = _samples(text)
     assert samples["ragq_redis_up"][0].value == 1
+    ingest_q, qa_q = stack.env_vars["RAGQ_INGEST_QUEUE"], stack.env_vars["RAGQ_QA_QUEUE"]
     depths = {s.labels["queue"]: s.value for s in samples["ragq_queue_depth"]}
-    assert depths == {"ingest": 0, "qa": 0}
+    assert depths == {ingest_q: 0, qa_q: 0}
     (info,) = samples["ragq_worker_info"]
     worker = info.labels["worker"]
-    assert worker.startswith("ingest-qa-cpu@") and info.labels["device"] == "cpu"
-    assert info.labels["queues"] == "ingest,qa"
+    assert worker.startswith(f"{ingest_q}-{qa_q}-cpu@") and info.labels["device"] == "cpu"
+    assert info.labels["queues"] == f"{ingest_q},{qa_q}"
     assert {s.labels["worker"]: s.value for s in samples["ragq_worker_online"]} == {worker: 1}
     docs = sum(s.value for s in samples["ragq_documents_embedded_total"])
     assert docs >= 3  # the CLI's three, plus Flower's three if that test ran first
     assert sum(s.value for s in samples["ragq_tokens_embedded_total"]) > docs
     assert sum(s.value for s in samples["ragq_questions_answered_total"]) == 2
     succeeded = {s.labels["queue"]: s.value for s in samples["ragq_tasks_total"] if s.labels["state"] == "succeeded"}
-    assert succeeded["ingest"] >= 1 and succeeded["qa"] >= 1
+    assert succeeded[ingest_q] >= 1 and succeeded[qa_q] >= 1
     stage_counts = {s.labels["stage"]: s.value for s in samples["ragq_stage_duration_seconds_count"]}
     assert {"tokenize", "embed", "upsert"} <= set(stage_counts)
-    assert stage_counts["embed"] == succeeded["ingest"]  # one observation per stage per batch
+    assert stage_counts["embed"] == succeeded[ingest_q]  # one observation per stage per batch
     inf = [s for s in samples["ragq_stage_duration_seconds_bucket"]
            if s.labels["stage"] == "embed" and s.labels["le"] == "+Inf"]
     assert inf[0].value == stage_counts["embed"]
@@ -187,7 +188,8 @@ def test_metrics_endpoint(stack: Stack, ingested: str, tmp_path: Path) -> None:
 def test_top_once(stack: Stack, ingested: str) -> None:
     shown = stack.cli("top", "--once", "--json", "--interval", "0.2", timeout=60, check=True)
     snap = json.loads(shown.stdout)
-    assert {q["queue"]: q["waiting"] for q in snap["queues"]} == {"ingest": 0, "qa": 0}
+    queues = (stack.env_vars["RAGQ_INGEST_QUEUE"], stack.env_vars["RAGQ_QA_QUEUE"])
+    assert {q["queue"]: q["waiting"] for q in snap["queues"]} == dict.fromkeys(queues, 0)
     (worker,) = snap["workers"]
     assert worker["device"] == "cpu" and worker["state"] == "online"
     assert worker["totals"]["documents"] >= 3 and worker["tasks"]["succeeded"] >= 1
