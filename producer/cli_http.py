@@ -20,7 +20,8 @@ def serve(
     from producer.http import create_app
 
     settings = Settings()
-    if host not in ("127.0.0.1", "localhost", "::1") and not (settings.api_token and settings.api_token.get_secret_value()):
+    has_token = bool(settings.api_token and settings.api_token.get_secret_value())
+    if host not in ("127.0.0.1", "localhost", "::1") and not has_token:
         err.print("[yellow]note:[/yellow] listening beyond loopback without RAGQ_API_TOKEN: "
                   "anyone who can reach the port can queue jobs.", highlight=False)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(),

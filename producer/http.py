@@ -389,8 +389,9 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
         texts = [body.input] if isinstance(body.input, str) else list(body.input)
         out = _from_worker(scrub, probe, client.embed, texts, timeout=60.0)
         if out["too_long"]:
+            single = isinstance(body.input, str)
             raise RequestValidationError([
-                {"type": "string_too_long", "loc": ("body", "input") if isinstance(body.input, str) else ("body", "input", i),
+                {"type": "string_too_long", "loc": ("body", "input") if single else ("body", "input", i),
                  "msg": f"input is {out['tokens'][i]} tokens, over the model's window of {out['window']}"}
                 for i in out["too_long"][:_MAX_REPORTED_ERRORS]
             ])

@@ -29,7 +29,7 @@ TOKEN = "test-token-7f3a9c"
 MAX_BODY = 64 * 1024
 DOCS = [
     {"id": "disk-1", "title": "Cloud Disk", "product": "Cloud Disk Service", "url": "https://docs.example.com/disk",
-     "content": "Cloud Disk Service provides persistent block storage volumes that attach to virtual machine instances."},
+     "content": "Cloud Disk Service provides persistent block storage volumes that attach to virtual machines."},
     {"id": "dns-1", "title": "Cloud DNS", "product": "Cloud DNS", "url": "https://docs.example.com/dns",
      "content": "Cloud DNS resolves domain names to IP addresses and manages records such as A, CNAME and MX."},
     {"title": "Object Storage pricing", "product": "Object Storage",
@@ -134,7 +134,7 @@ def test_ingest_json_then_search(http: httpx.Client, ingested: dict) -> None:
     assert body["top_k"] == 2 and len(body["hits"]) == 2
     assert body["hits"][0]["url"] == "https://docs.example.com/dns"
     assert set(body["hits"][0]) == {"url", "title", "product", "score", "text"}
-    only = http.post("/v1/search", json={"query": "storage", "top_k": 5, "filter": {"product": "Object Storage"}}).json()
+    only = http.post("/v1/search", json={"query": "storage", "filter": {"product": "Object Storage"}}).json()
     assert [h["product"] for h in only["hits"]] == ["Object Storage"]
 
 
@@ -154,10 +154,12 @@ def test_job_status_results_and_cancel(http: httpx.Client, ingested: dict) -> No
 
 
 def test_ingest_jsonl_and_cancel_queued_job(http: httpx.Client, ingested: dict) -> None:
-    # Keep the single worker busy with an embedding request, so the new job waits in the queue.
+    # Keep the single worker busy with an embedding request (~58 KB, ~2 s of work), so the
+    # new job waits in the queue.
+    texts = [f"{n} " + "storage volume snapshot " * 60 for n in range(40)]
     answers: list[httpx.Response] = []
-    busy = threading.Thread(target=lambda: answers.append(http.post("/v1/embeddings", json={
-        "model": "all-MiniLM-L6-v2", "input": [f"{n} " + "storage volume snapshot " * 60 for n in range(40)]})))  # ~58 KB, ~2 s of work
+    busy = threading.Thread(target=lambda: answers.append(
+        http.post("/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": texts})))
     busy.start()
     time.sleep(0.3)
     lines = b"".join(json.dumps({"content": f"Line {n} about load balancers.", "id": f"lb-{n}"}).encode() + b"\n"
@@ -227,14 +229,16 @@ def lonely(stack: Stack) -> Iterator[Server]:
     stop_server(s)
 
 
-def test_health(http: httpx.Client, lonely: Server) -> None:
+def test_health(http: httpx.Client, lonely: Server, stack: Stack) -> None:
     response = http.get("/health")
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["status"] == "ok"
     checks = body["checks"]
     assert checks["redis"] == {"ok": True}
-    assert checks["queues"]["ok"] and checks["queues"]["ingest"]["workers"] and checks["queues"]["qa"]["workers"]
+    settings = stack.settings()
+    assert checks["queues"]["ok"]
+    assert checks["queues"][settings.ingest_queue]["workers"] and checks["queues"][settings.qa_queue]["workers"]
     assert checks["store"]["ok"] and checks["store"]["collection"] == "test_docs"
     # No worker on the qa queue: unhealthy, and it says why.
     with lonely.client(token=None) as client:
