@@ -57,10 +57,15 @@ class Settings(BaseSettings):
     # --- Queues and time limits -------------------------------------------------
     ingest_queue: str = "ingest"
     qa_queue: str = "qa"
-    task_soft_time_limit_s: int = 1800
+    # Per-batch time limits grow with the batch (common/limits.py); a task's hard limit
+    # is 1.25 x its soft limit + 30 s, and the visibility timeout must exceed them all.
+    task_base_s: float = Field(120.0, gt=0, description="time every batch gets, on top of its size")
+    ingest_s_per_mb: float = Field(900.0, gt=0, description="ingest seconds per MB of message")
+    qa_s_per_question: float = Field(30.0, gt=0, description="QA seconds per question with generation")
+    task_soft_time_limit_s: int = 1800  # fallback for tasks sent without their own limits
     task_time_limit_s: int = 2100
     visibility_timeout_s: int = 3600
-    max_task_attempts: int = 3
+    max_task_attempts: int = Field(3, ge=1, description="deliveries of one batch before its items fail")
 
     # --- HTTP front door (`ragq serve`) -------------------------------------------
     api_token: SecretStr | None = Field(None, description="bearer token required by the HTTP API when set")

@@ -24,6 +24,7 @@ from common.batching import pack_batches
 from common.config import Settings
 from common.inputs import InputEvent, InputReader, document_from_object
 from common.jobs import BatchOutcome, JobInfo, JobRecord
+from common.limits import ingest_limits, qa_limits
 from common.questions import AnswerResult, QuestionItem, QuestionReader, rejected_line
 from common.runtime import redis_client
 from common.schemas import DocumentItem, ItemError, JobKind, JobStatus, Source
@@ -183,10 +184,12 @@ class Client:
             record.add_items(errors=pending)
 
     def _send_ingest(self, job_id: str, batch: int, payload: list[dict], nbytes: int) -> None:
+        soft, hard = ingest_limits(self.settings, nbytes)
         self.celery.send_task(
             tasknames.INGEST_BATCH,
             args=(job_id, batch, payload),
             argsrepr=f"({job_id!r}, batch={batch}, documents={len(payload)}, bytes={nbytes})",
+            soft_time_limit=soft, time_limit=hard,
         )
 
     # -- questions -------------------------------------------------------------------
@@ -299,11 +302,13 @@ class Client:
             record.save_results(batch, [rejected_line(i) for i in items])
             record.finish_batch(batch, BatchOutcome())
             return
+        soft, hard = qa_limits(self.settings, len(items), generate)
         self.celery.send_task(
             tasknames.ANSWER_BATCH,
             args=(record.id, batch, [i.to_dict() for i in items]),
             kwargs={"generate": generate},
             argsrepr=f"({record.id!r}, batch={batch}, questions={valid})",
+            soft_time_limit=soft, time_limit=hard,
         )
 
     # -- retrieval -------------------------------------------------------------------

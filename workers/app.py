@@ -11,6 +11,7 @@ import logging
 from celery import Celery
 
 from common.config import Settings
+from common.limits import check_visibility_timeout
 from workers.celeryconfig import build_config
 
 
@@ -21,5 +22,6 @@ def create_app(settings: Settings) -> Celery:
 
 
 settings = Settings()
+check_visibility_timeout(settings)  # a worker must never run past its message's visibility
 app = create_app(settings)
 logging.getLogger("ragq").setLevel(logging.INFO)

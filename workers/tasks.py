@@ -18,6 +18,7 @@ from common import metrics, tasknames
 from common.answering import Answerer, UnavailableGenerator, failed_batch
 from common.generators import Generator
 from common.ingest import failed_outcome
+from common.jobs import JobRecord
 from common.questions import QuestionItem
 from common.runtime import Runtime
 from common.schemas import DocumentItem, JobStatus
@@ -74,22 +75,50 @@ def _backoff(attempt: int) -> float:
     return min(60.0, 2.0 ** attempt) * (0.5 + random.random())
 
 
+def _begin(job_id: str, batch: int) -> tuple[JobRecord, str | None, str | None]:
+    """Load the job and decide what to do with this delivery of ``batch``.
+
+    Returns (job, skip, give_up): ``skip`` names why the batch is not run at all
+    (cancelled or unknown job, already recorded); ``give_up`` is the reason to fail its
+    items instead of running them, once it has been delivered more than
+    ``max_task_attempts`` times (its worker died each time: killed, out of memory).
+    """
+    job = runtime().job(job_id)
+    status = job.status()
+    if status in (JobStatus.cancelled, JobStatus.not_found):
+        return job, status.value, None
+    if job.batch_done(batch):
+        return job, "already recorded", None
+    job.mark_started()
+    attempt = job.begin_attempt(batch)
+    if attempt > settings.max_task_attempts:
+        log.error("batch %s of job %s delivered %d times; failing its items", batch, job_id, attempt)
+        return job, None, (f"gave up after {attempt - 1} attempts: the worker running this batch "
+                           "stopped each time (killed, out of memory or past its hard time limit)")
+    return job, None, None
+
+
+def _retry_or_fail(task: Any, exc: Exception) -> str:
+    """Retry a transient store failure with backoff; past the last attempt, the reason."""
+    if task.request.retries + 1 < settings.max_task_attempts:
+        raise task.retry(exc=exc, countdown=_backoff(task.request.retries))
+    return f"vector store unavailable after {settings.max_task_attempts} attempts: {exc}"
+
+
 @app.task(name=tasknames.INGEST_BATCH, bind=True)
 def ingest_batch(self, job_id: str, batch: int, items: list[dict[str, Any]]) -> dict[str, Any]:
     """Chunk, embed and upsert one batch of documents of job ``job_id``."""
-    rt = runtime()
-    job = rt.job(job_id)
-    status = job.status()
-    if status in (JobStatus.cancelled, JobStatus.not_found) or job.batch_done(batch):
-        return {"job": job_id, "batch": batch, "skipped": status.value}
-    job.mark_started()
+    job, skip, give_up = _begin(job_id, batch)
+    if skip:
+        return {"job": job_id, "batch": batch, "skipped": skip}
     docs = [DocumentItem.from_dict(d) for d in items]
     try:
-        outcome = rt.ingestor().ingest(docs)
+        outcome = failed_outcome(docs, give_up) if give_up else runtime().ingestor().ingest(docs)
     except StoreError as exc:
-        if self.request.retries + 1 < settings.max_task_attempts:
-            raise self.retry(exc=exc, countdown=_backoff(self.request.retries))
-        outcome = failed_outcome(docs, f"vector store unavailable after {settings.max_task_attempts} attempts: {exc}")
+        outcome = failed_outcome(docs, _retry_or_fail(self, exc))
+    except Exception as exc:  # e.g. the soft time limit: record it rather than leave the job hanging
+        log.exception("ingest batch %s of job %s failed", batch, job_id)
+        outcome = failed_outcome(docs, f"batch failed: {type(exc).__name__}: {exc}")
     job.finish_batch(batch, outcome)
     metrics.count(documents=len(docs) - len(outcome.errors), documents_failed=len(outcome.errors),
                   chunks=outcome.chunks, tokens=outcome.tokens)
@@ -104,20 +133,19 @@ def ingest_batch(self, job_id: str, batch: int, items: list[dict[str, Any]]) -> 
 @app.task(name=tasknames.ANSWER_BATCH, bind=True)
 def answer_batch(self, job_id: str, batch: int, items: list[dict[str, Any]], generate: bool = True) -> dict[str, Any]:
     """Retrieve and generate answers for one batch of questions of job ``job_id``."""
+    job, skip, give_up = _begin(job_id, batch)
+    if skip:
+        return {"job": job_id, "batch": batch, "skipped": skip}
     rt = runtime()
-    job = rt.job(job_id)
-    status = job.status()
-    if status in (JobStatus.cancelled, JobStatus.not_found) or job.batch_done(batch):
-        return {"job": job_id, "batch": batch, "skipped": status.value}
-    job.mark_started()
     questions = [QuestionItem.from_dict(d) for d in items]
     try:
-        result = Answerer.from_settings(rt.embedder(), rt.store(), _generator(rt) if generate else None,
-                                        settings).answer(questions, generate=generate)
+        if give_up:
+            result = failed_batch(questions, give_up)
+        else:
+            result = Answerer.from_settings(rt.embedder(), rt.store(), _generator(rt) if generate else None,
+                                            settings).answer(questions, generate=generate)
     except StoreError as exc:
-        if self.request.retries + 1 < settings.max_task_attempts:
-            raise self.retry(exc=exc, countdown=_backoff(self.request.retries))
-        result = failed_batch(questions, f"vector store unavailable after {settings.max_task_attempts} attempts: {exc}")
+        result = failed_batch(questions, _retry_or_fail(self, exc))
     except Exception as exc:  # e.g. the soft time limit: record it rather than leave the job hanging
         log.exception("question batch %s of job %s failed", batch, job_id)
         result = failed_batch(questions, f"batch failed: {type(exc).__name__}: {exc}")
