@@ -68,18 +68,19 @@ def pipeline(files: list[Path], env: dict[str, str], settings) -> dict:
 
     log = open(Path(env["RAGQ_DATA_DIR"]) / "worker.log", "wb")
     gpus = "none" if settings.device == "cpu" else "all"
-    worker = subprocess.Popen([sys.executable, "-m", "producer", "worker", "--gpus", gpus],
+    # an ingest-only worker, as deployments run them (no LLM loading beside the batches)
+    worker = subprocess.Popen([sys.executable, "-m", "producer", "worker", "--gpus", gpus,
+                               "--queues", settings.ingest_queue],
                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         client = Client(settings)
         deadline = time.monotonic() + 180
-        while True:  # ready = the model is loaded and the store open
-            try:
-                client.store_info(timeout=5)
-                break
-            except Exception:
-                if time.monotonic() > deadline or worker.poll() is not None:
-                    sys.exit("the worker did not start; see its log in " + env["RAGQ_DATA_DIR"])
+        log_path = Path(env["RAGQ_DATA_DIR"]) / "worker.log"
+        # warm: the worker consumes, and its warm-up thread has loaded the model
+        while not all(m in log_path.read_bytes() for m in (b"ready.", b"loaded embedding model")):
+            if time.monotonic() > deadline or worker.poll() is not None:
+                sys.exit(f"the worker did not start; see {log_path}")
+            time.sleep(0.2)
         started = time.perf_counter()
         job = client.ingest(files)
         info = job.wait(timeout=3600, poll_s=0.05)

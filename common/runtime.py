@@ -43,7 +43,9 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.redis = redis_client(settings)
-        self._lock = threading.RLock()
+        # One lock per resource: loading a large LLM must not hold up the embedder or
+        # the store, which an ingest batch or a search needs at once.
+        self._locks = {name: threading.Lock() for name in ("embedder", "store", "ingestor", "generator")}
         self._embedder: Embedder | None = None
         self._store: VectorStore | None = None
         self._ingestor: Ingestor | None = None
@@ -53,7 +55,7 @@ class Runtime:
         return JobRecord(self.redis, job_id, prefix=self.settings.key_prefix, ttl=self.settings.job_ttl_s)
 
     def embedder(self) -> Embedder:
-        with self._lock:
+        with self._locks["embedder"]:
             if self._embedder is None:
                 from common.embedding import Embedder
 
@@ -62,7 +64,7 @@ class Runtime:
             return self._embedder
 
     def store(self) -> VectorStore:
-        with self._lock:
+        with self._locks["store"]:
             if self._store is None:
                 from common.vectorstore import open_store
 
@@ -70,7 +72,7 @@ class Runtime:
             return self._store
 
     def ingestor(self) -> Ingestor:
-        with self._lock:
+        with self._locks["ingestor"]:
             if self._ingestor is None:
                 from common.ingest import Ingestor
 
@@ -79,7 +81,7 @@ class Runtime:
             return self._ingestor
 
     def generator(self) -> Generator:
-        with self._lock:
+        with self._locks["generator"]:
             if self._generator is None:
                 from common.generators import build_generator
 
@@ -87,10 +89,11 @@ class Runtime:
             return self._generator
 
     def close(self) -> None:
-        with self._lock:
+        with self._locks["store"]:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+        with self._locks["generator"]:
             if self._generator is not None:
                 self._generator.close()
                 self._generator = None

@@ -55,10 +55,10 @@ def _warm_up(**_: Any) -> None:
             rt = runtime()
             if not queues or settings.ingest_queue in queues or settings.qa_queue in queues:
                 rt.embedder()
-            if not queues or settings.qa_queue in queues:
-                rt.generator()  # a local model loads here, not in the first question batch
             if settings.ingest_queue in queues:
                 rt.ingestor().ensure_collection()
+            if not queues or settings.qa_queue in queues:
+                rt.generator()  # a local model loads here, not in the first question batch
         except Exception:  # the first task will raise the same error with its context
             log.exception("warm-up failed")
 
