@@ -132,9 +132,9 @@ class Answerer:
             filter_ = json.loads(filter_json) or None
             try:
                 hits = self.store.search(vectors[rows], top_k=top_k, filter=filter_, distinct_docs=True)
-            except ValueError as exc:  # a filter the store refuses; StoreError passes on
+            except ValueError as exc:  # a refused filter, a collection of another dimension
                 for row in rows:
-                    work[row].error = f"retrieval refused the filter: {exc}"
+                    work[row].error = f"retrieval failed: {exc}"
                 continue
             for row, row_hits in zip(rows, hits):
                 work[row].sources = [Source.from_payload(h.payload, h.score) for h in row_hits]
