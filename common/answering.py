@@ -21,6 +21,7 @@ from common.config import Settings
 from common.embedding import Embedder
 from common.generators import Generator
 from common.generators.base import Conversation, Generation, NoneGenerator
+from common import metrics
 from common.jobs import BatchOutcome
 from common.prompts import PromptSource, build_messages
 from common.questions import QuestionItem, answer_line, rejected_line
@@ -83,9 +84,13 @@ class Answerer:
         """
         started = time.perf_counter()
         work = [_Work(item, []) for item in items if item.ok]
+        lap = metrics.Lap()  # stage timings: search (embed + query), generate
         retrieval_s = self._retrieve(work)
+        lap("search")
         generating = generate and self.generator is not None and not isinstance(self.generator, NoneGenerator)
         generations = self._generate(work) if generating else {}
+        if generating:
+            lap("generate")
 
         outcome = BatchOutcome()
         answered: dict[int, dict] = {}
@@ -153,15 +158,22 @@ class Answerer:
             w.refs = {index: n for n, index in enumerate(used, start=1)}
             conversations.append(messages)
         assert self.generator is not None
-        try:
-            results = self.generator.generate(conversations)
-        except Exception as exc:  # a generator bug must not lose the batch's retrieval
-            log.exception("generator failed on a batch of %d questions", len(todo))
-            reason = f"generation failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            results = [Generation(None, "", 0.0, error=reason) for _ in todo]
-        if len(results) != len(todo):
-            raise RuntimeError(f"generator returned {len(results)} answers for {len(todo)} prompts")
-        return {w.item.index: g for w, g in zip(todo, results)}
+        by_length: dict[int | None, list[int]] = {}  # one generate() call per answer length asked
+        for n, w in enumerate(todo):
+            by_length.setdefault(w.item.max_tokens, []).append(n)
+        results: list[Generation | None] = [None] * len(todo)
+        for max_tokens, rows in by_length.items():
+            try:
+                got = self.generator.generate([conversations[n] for n in rows], max_tokens=max_tokens)
+            except Exception as exc:  # a generator bug must not lose the batch's retrieval
+                log.exception("generator failed on a batch of %d questions", len(rows))
+                reason = f"generation failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                got = [Generation(None, "", 0.0, error=reason) for _ in rows]
+            if len(got) != len(rows):
+                raise RuntimeError(f"generator returned {len(got)} answers for {len(rows)} prompts")
+            for n, g in zip(rows, got):
+                results[n] = g
+        return {w.item.index: g for w, g in zip(todo, results) if g is not None}
 
 
 class UnavailableGenerator(Generator):

@@ -20,6 +20,7 @@ This module is imported by the producer, so it must not import torch or worker c
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,10 @@ JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 TEXT_SUFFIXES = {".txt", ""}
 #: Retrieval depth a question may ask for (the CLI's ``--top-k`` has the same bound).
 MAX_TOP_K = 100
+#: Longest answer a question may ask for (``max_tokens``).
+MAX_ANSWER_TOKENS = 4096
+#: Payload field names a filter may use: plain identifiers, never JSON paths.
+_FILTER_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 #: Longer questions are refused: they are documents, not questions, and would blow the prompt.
 MAX_QUESTION_CHARS = 8000
 #: A JSONL line longer than this is refused without being parsed.
@@ -51,6 +56,7 @@ class QuestionItem:
     question: str = ""
     top_k: int | None = None
     filter: dict[str, Any] | None = None
+    max_tokens: int | None = None
     error: str | None = None
 
     @property
@@ -251,6 +257,13 @@ class QuestionReader:
             if not 1 <= top_k <= self.max_top_k:
                 return self._reject(where, custom_id, f"field 'top_k' must be between 1 and {self.max_top_k}, got {top_k}", question)
 
+        max_tokens = obj.get("max_tokens")
+        if max_tokens is not None:
+            if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+                return self._reject(where, custom_id, f"field 'max_tokens' must be an integer, got {_json_type(max_tokens)}", question)
+            if not 1 <= max_tokens <= MAX_ANSWER_TOKENS:
+                return self._reject(where, custom_id, f"field 'max_tokens' must be between 1 and {MAX_ANSWER_TOKENS}, got {max_tokens}", question)
+
         filter_ = obj.get("filter")
         if filter_ is not None:
             problem = check_filter(filter_)
@@ -263,7 +276,7 @@ class QuestionReader:
             return self._reject(where, custom_id, f"duplicate custom_id {custom_id!r} (first used at {first})", question)
         self._seen[custom_id] = where
         return self._next(QuestionItem(index=0, item=where, custom_id=custom_id, question=question,
-                                       top_k=top_k, filter=filter_))
+                                       top_k=top_k, filter=filter_, max_tokens=max_tokens))
 
     def _reject(self, where: str, custom_id: str, reason: str, question: str = "") -> QuestionItem:
         # A refused line keeps its place; its id is not reserved, so a later good line may use it.
@@ -286,6 +299,8 @@ def check_filter(value: Any) -> str | None:
     for key, v in value.items():
         if not isinstance(key, str) or not key:
             return "field 'filter' has an empty key"
+        if not _FILTER_KEY.fullmatch(key):
+            return f"filter key {key!r}: use a payload field name (letters, digits, '_', '-')"
         values = v if isinstance(v, (list, tuple)) else [v]
         if not values:
             return f"filter {key!r}: empty list"

@@ -40,7 +40,7 @@ from common import tasknames
 from common.config import Settings
 from common.inputs import document_from_object
 from common.jobs import JobInfo
-from common.questions import MAX_QUESTION_CHARS, MAX_TOP_K, QuestionReader
+from common.questions import MAX_ANSWER_TOKENS, MAX_QUESTION_CHARS, MAX_TOP_K, QuestionReader
 from common.schemas import ItemError, JobStatus
 from producer.client import Client, JobTimeout, RagqError, WorkerTimeout
 
@@ -123,6 +123,8 @@ class QuestionLine(BaseModel):
                           "(the 1-based position in a JSON array).")
     question: Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUESTION_CHARS)]
     top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description="Documents retrieved (default RAGQ_TOP_K).")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_ANSWER_TOKENS,
+                                   description="Most tokens in this answer (default RAGQ_LLM_MAX_TOKENS).")
     filter: Filter | None = None
 
 
@@ -135,9 +137,8 @@ class AnswerRequest(BaseModel):
     question: Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUESTION_CHARS)]
     top_k: int | None = Field(None, ge=1, le=MAX_TOP_K,
                               description="Documents retrieved for the prompt (default RAGQ_TOP_K).")
-    max_tokens: int | None = Field(None, ge=1, description=(
-        "Most tokens to generate. The workers generate up to RAGQ_LLM_MAX_TOKENS and the question format "
-        "has no per-question limit yet, so another value is refused (422) rather than ignored."))
+    max_tokens: int | None = Field(None, ge=1, le=MAX_ANSWER_TOKENS, description=(
+        "Most tokens to generate for this answer (default RAGQ_LLM_MAX_TOKENS)."))
     filter: Filter | None = None
     generate: bool = Field(True, description="false: retrieval only (sources, `answer` null).")
     timeout: float = Field(120.0, gt=0, le=600, description="Seconds to wait for the answer; 504 after that.")
@@ -339,11 +340,9 @@ def create_app(settings: Settings | None = None, *, client: Client | None = None
 
         ``top_k`` (documents retrieved) and ``max_tokens`` (length of the answer) are separate.
         """
-        if body.max_tokens is not None and body.max_tokens != settings.llm_max_tokens:
-            raise _invalid(["body", "max_tokens"], f"only {settings.llm_max_tokens} (RAGQ_LLM_MAX_TOKENS) for now: "
-                                                   "the question format has no per-question limit yet")
         line: dict[str, Any] = {"custom_id": "1", "question": body.question}
-        line.update({k: v for k, v in (("top_k", body.top_k), ("filter", body.filter)) if v})
+        line.update({k: v for k, v in (("top_k", body.top_k), ("filter", body.filter),
+                                       ("max_tokens", body.max_tokens)) if v})
         problems = _question_errors(QuestionReader())(line, ("body",))
         if problems:
             raise RequestValidationError(problems)

@@ -44,10 +44,12 @@ class Scripted(Generator):
 
     def __init__(self) -> None:
         self.calls: list[list[Conversation]] = []
+        self.max_tokens: list[int | None] = []
 
     def generate(self, conversations: Sequence[Conversation], *, max_tokens: int | None = None,
                  temperature: float | None = None) -> list[Generation]:
         self.calls.append(list(conversations))
+        self.max_tokens.append(max_tokens)
         out = []
         for c in conversations:
             question = c[-1]["content"].splitlines()[0]
@@ -219,3 +221,17 @@ def test_empty_collection_answers_with_no_sources(embedder: Embedder, tmp_path: 
     with open_store(settings) as empty:
         line = Answerer(embedder, empty, Scripted()).answer(items("What is a subnet?")).lines[0]
     assert line["sources"] == [] and line["answer"] and line["error"] is None
+
+
+def test_each_question_gets_the_answer_length_it_asked_for(embedder: Embedder, store: VectorStore) -> None:
+    gen = Scripted()
+    batch = items({"question": "What is a subnet?", "max_tokens": 8},
+                  "How long are messages kept on the server?",
+                  {"question": "How do I serve my CDN domain over HTTPS?", "max_tokens": 8})
+    lines = Answerer(embedder, store, gen, top_k=2).answer(batch).lines
+    calls = {limit: [c[-1]["content"].splitlines()[0] for c in convs]
+             for limit, convs in zip(gen.max_tokens, gen.calls)}
+    assert calls == {8: ["Question: What is a subnet?", "Question: How do I serve my CDN domain over HTTPS?"],
+                     None: ["Question: How long are messages kept on the server?"]}
+    assert [line["custom_id"] for line in lines] == ["1", "2", "3"]
+    assert all(line["answer"] and line["error"] is None for line in lines)

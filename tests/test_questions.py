@@ -178,3 +178,18 @@ def test_check_filter() -> None:
     assert check_filter({"product": "CDN"}) is None
     assert check_filter({"product": ["CDN", "VPC"], "year": 2018}) is None
     assert check_filter({"": "x"}) == "field 'filter' has an empty key"
+
+
+def test_max_tokens_and_filter_keys_are_checked() -> None:
+    got = list(QuestionReader().read_objects([
+        {"question": "a", "max_tokens": 32},
+        {"question": "b", "max_tokens": 0},
+        {"question": "c", "max_tokens": "64"},
+        {"question": "d", "filter": {"payload.nested[0]": "x"}},
+        {"question": "e", "filter": {"product_line": "CDN"}},
+    ]))
+    assert got[0].ok and got[0].max_tokens == 32
+    assert got[1].error == "field 'max_tokens' must be between 1 and 4096, got 0"
+    assert got[2].error == "field 'max_tokens' must be an integer, got string"
+    assert got[3].error == "filter key 'payload.nested[0]': use a payload field name (letters, digits, '_', '-')"
+    assert got[4].ok and got[4].filter == {"product_line": "CDN"}
