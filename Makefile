@@ -11,12 +11,12 @@ PYTEST_ARGS ?=
 
 export RAGQ_DATA_DIR ?= $(CURDIR)/.ragq/data
 
-.PHONY: install llamacpp redis demo test bench clean help
+.PHONY: install llamacpp redis demo test bench bench-qa clean help
 
 help:
 	@echo "make demo   - set up, start Redis and a worker, ingest a corpus sample, search it"
 	@echo "make test   - set up and run the test suite (real Redis, workers and models)"
-	@echo "make bench  - run the benchmarks in bench/"
+	@echo "make bench  - ingest benchmark (bench/ingest.py); make bench-qa - QA benchmark (bench/qa.py)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ test: install llamacpp redis
 
 bench: install redis
 	$(BIN)/python bench/ingest.py
+
+bench-qa: install redis
+	$(BIN)/python bench/qa.py
 
 clean:
 	rm -rf $(VENV) .ragq

@@ -62,8 +62,12 @@ def _summary(info: JobInfo) -> None:
     err.print(line, highlight=False)
     if info.elapsed_s:
         t = info.throughput
-        err.print(f"  {info.elapsed_s:.1f}s: {t.get('items_per_s', 0):.1f} items/s, "
-                  f"{t.get('chunks_per_s', 0):.1f} chunks/s, {t.get('tokens_per_s', 0):.0f} tokens/s", highlight=False)
+        rates = f"{t.get('items_per_s', 0):.1f} items/s"
+        if info.kind == "ingest":
+            rates += f", {t.get('chunks_per_s', 0):.1f} chunks/s, {t.get('tokens_per_s', 0):.0f} tokens/s"
+        elif info.tokens:
+            rates += f", {t.get('tokens_per_s', 0):.0f} generated tokens/s"
+        err.print(f"  {info.elapsed_s:.1f}s: {rates}", highlight=False)
     if info.reason:
         err.print(f"  reason: {info.reason}", highlight=False)
     for e in info.errors[:20]:

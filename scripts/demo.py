@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "data" / "jdcloud-en"
 SAMPLE_DOCS = int(os.environ.get("DEMO_DOCS", "300"))
 RAGQ = [sys.executable, "-m", "producer"]
+# SmolLM2 on a CPU: short answers keep the demo to a minute or two
+os.environ.setdefault("RAGQ_LLM_MAX_TOKENS", "96")
 
 
 def say(text: str) -> None:
