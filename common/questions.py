@@ -4,8 +4,9 @@ Question jobs follow the OpenAI Batch API: one input line per request, one outpu
 per input line, matched by ``custom_id`` and written in input order. Accepted inputs:
 
 * ``.jsonl``/``.ndjson``: one object per line,
-  ``{"custom_id": "q1", "question": "...", "top_k": 5, "filter": {"product": "..."}}``;
-  ``custom_id`` defaults to the line number, ``top_k`` to the worker's ``RAGQ_TOP_K``;
+  ``{"custom_id": "q1", "question": "...", "top_k": 5, "filter": {"product": "..."},
+  "max_tokens": 128}``; ``custom_id`` defaults to the line number, ``top_k`` to the
+  worker's ``RAGQ_TOP_K``, ``max_tokens`` (the answer's length) to ``RAGQ_LLM_MAX_TOKENS``;
   other fields are ignored.
 * ``.txt`` (or no suffix): one question per non-blank line; ``custom_id`` is the line
   number.

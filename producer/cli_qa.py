@@ -86,7 +86,7 @@ def _print_answer(result: AnswerResult) -> None:
 @app.command("ask-file")
 def ask_file(
     path: Path = typer.Argument(..., help="Questions: .jsonl ({\"custom_id\", \"question\", \"top_k\"?, "
-                                          "\"filter\"?}) or .txt (one per line)."),
+                                          "\"filter\"?, \"max_tokens\"?}) or .txt (one per line)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the job, with a progress bar, then print a summary."),
     output: Optional[str] = typer.Option(None, "--output", "-o",
                                          help="Wait, then write the answers as JSONL here ('-' for stdout)."),
