@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,18 @@ class Job:
         return [AnswerResult.from_line(line, job_id=self.id) for line in self.results()]
 
 
+@contextmanager
+def _enqueuing(record: JobRecord) -> Iterator[None]:
+    """Seal the job once its batches are enqueued; a producer that stops midway fails it."""
+    try:
+        yield
+    except BaseException as exc:
+        record.fail(f"producer stopped while enqueuing: {exc!r}")
+        raise
+    finally:
+        record.seal()
+
+
 class Client:
     """Connects to Redis and sends tasks by name; build one per process and reuse it."""
 
@@ -155,18 +168,13 @@ class Client:
                                                "model": self.settings.embed_model},
             prefix=self.settings.key_prefix, ttl=self.settings.job_ttl_s, job_id=job_id,
         )
-        try:
+        with _enqueuing(record):
             batches = 0
             for batch in pack_batches(self._documents(events, record), self.settings.batch_bytes):
                 record.add_items(items=sum(1 for i in batch.items if i.segment == 0), batches=1)
                 self._send_ingest(record.id, batch.index, batch.to_payload(), batch.nbytes)
                 batches += 1
             record.update_meta(batches=batches, **(final_meta() if final_meta else {}))
-        except BaseException as exc:
-            record.fail(f"producer stopped while enqueuing: {exc!r}")
-            raise
-        finally:
-            record.seal()
         return Job(record.id, self)
 
     def _documents(self, events: Iterable[DocumentItem | ItemError], record: JobRecord) -> Iterable[DocumentItem]:
@@ -274,7 +282,7 @@ class Client:
             meta={**meta, "collection": self.settings.collection, "generate": generate, "batch_size": size},
             prefix=self.settings.key_prefix, ttl=self.settings.job_ttl_s, job_id=job_id,
         )
-        try:
+        with _enqueuing(record):
             batches = 0
             batch: list[QuestionItem] = []
             for item in items:
@@ -286,11 +294,6 @@ class Client:
                 self._send_questions(record, batches, batch, generate)
                 batches += 1
             record.update_meta(batches=batches)
-        except BaseException as exc:
-            record.fail(f"producer stopped while enqueuing: {exc!r}")
-            raise
-        finally:
-            record.seal()
         return Job(record.id, self)
 
     def _send_questions(self, record: JobRecord, batch: int, items: list[QuestionItem], generate: bool) -> None:
