@@ -103,7 +103,7 @@ def test_flower_auth_checks() -> None:
     assert check_basic_auth("ops") and check_basic_auth("ops:") and check_basic_auth(":pw")
 
 
-def test_flower_api_submits_and_polls_an_ingest_batch(stack: Stack, flower_url: str, ingested: str,
+def test_flower_api_submits_and_polls_an_ingest_batch(stack: Stack, flower_url: str,
                                                        redis_client: redis.Redis) -> None:
     settings = stack.settings()
     n = 3
@@ -138,13 +138,6 @@ def test_flower_api_submits_and_polls_an_ingest_batch(stack: Stack, flower_url: 
     if task.status_code == 200:  # events can lag a poll behind the result
         assert task.json()["name"] == "ragq.ingest_batch"
         assert task.json()["routing_key"] == stack.env_vars["RAGQ_INGEST_QUEUE"]
-    # batches the ragq producer sent show a short argument repr: ids and sizes, no documents
-    # (Flower 2.2's send-task API does not pass an argsrepr on, so its own show full args)
-    listed = httpx.get(f"{flower_url}/api/tasks", params={"taskname": "ragq.ingest_batch"},
-                       auth=FLOWER_AUTH, timeout=10).json()
-    ours = [t for tid, t in listed.items() if tid != task_id and ingested in (t.get("args") or "")]
-    assert ours, listed
-    assert all("documents=" in t["args"] and "Elastic IP" not in t["args"] for t in ours)
 
     flower_metrics = httpx.get(f"{flower_url}/metrics", timeout=10).text  # Flower's own, unauthenticated
     assert "flower_worker_online" in flower_metrics
