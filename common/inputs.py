@@ -41,7 +41,9 @@ class InputReader:
     def read(self, paths: Iterable[str | Path]) -> Iterator[InputEvent]:
         for raw in paths:
             root = Path(raw)
-            if root.is_dir():
+            if not _utf8_name(root):
+                yield ItemError(display_path(root), "path is not valid UTF-8; rename it")
+            elif root.is_dir():
                 yield from self._walk(root)
             elif root.exists() or root.is_symlink():
                 yield from self._read_file(root, explicit=True)
@@ -71,8 +73,15 @@ class InputReader:
                 if path.suffix.lower() not in SUPPORTED_SUFFIXES:
                     self.skipped_files += 1
                     continue
+                if not _utf8_name(path):
+                    yield ItemError(display_path(path), "file name is not valid UTF-8; rename the file")
+                    continue
                 if path.is_symlink() and not self.follow_symlinks:
-                    target = path.resolve()
+                    try:
+                        target = path.resolve(strict=True)
+                    except (OSError, RuntimeError):  # a loop, or a link to nothing
+                        yield ItemError(str(path), "broken symlink or symlink loop; not followed")
+                        continue
                     if not target.is_relative_to(real_root):
                         yield ItemError(str(path), "symlink points outside the input root; not followed")
                         continue
@@ -86,6 +95,9 @@ class InputReader:
             )
             return
         try:
+            if path.is_symlink() and not path.exists():
+                yield ItemError(str(path), "broken symlink or symlink loop")
+                return
             if not path.is_file():
                 yield ItemError(str(path), "not a regular file")
                 return
@@ -112,7 +124,10 @@ class InputReader:
 
     def _parse_json(self, path: Path, text: str) -> Iterator[InputEvent]:
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_refuse_constant)
+        except NonStandardJSON as exc:
+            yield ItemError(str(path), str(exc))
+            return
         except json.JSONDecodeError as exc:
             yield ItemError(str(path), f"malformed JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})")
             return
@@ -141,7 +156,10 @@ class InputReader:
                     continue
                 try:
                     line = raw.decode("utf-8")
-                    obj = json.loads(line)
+                    obj = json.loads(line, parse_constant=_refuse_constant)
+                except NonStandardJSON as exc:
+                    yield ItemError(item, str(exc))
+                    continue
                 except UnicodeDecodeError as exc:
                     yield ItemError(item, f"not valid UTF-8 (byte {exc.start})")
                     continue
@@ -162,6 +180,27 @@ class InputReader:
         return _make_document(
             key=str(path), item=str(path), content=text, title=title, product="", url=str(path), extra={}
         )
+
+
+class NonStandardJSON(ValueError):
+    """NaN or Infinity: Python's json reads them, but they are not JSON and cannot be stored."""
+
+
+def _refuse_constant(name: str) -> float:
+    raise NonStandardJSON(f"not standard JSON: {name} is not a number JSON allows")
+
+
+def _utf8_name(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def display_path(path: Path) -> str:
+    """A path for messages, with bytes that are not UTF-8 shown as escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _read_text(path: Path) -> str | ItemError:
@@ -202,6 +241,10 @@ def document_from_object(obj: Any, *, item: str, default_key: str) -> InputEvent
     if doc_id is not None and not isinstance(doc_id, (str, int)):
         return ItemError(item, f"field 'id' must be a string or integer, got {_json_type(doc_id)}")
     extra = {k: v for k, v in obj.items() if k not in CORE_FIELDS}
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return ItemError(item, f"text holds a lone surrogate ({exc.object[exc.start:exc.end]!a}), not valid Unicode")
     key = str(doc_id) if doc_id is not None else (fields["url"] or default_key)
     return _make_document(key=key, item=item, content=content, extra=extra, **fields)
 
