@@ -15,6 +15,8 @@ from common.schemas import DocumentItem
 
 #: Bytes a document's JSON adds beyond its content (keys, title, url, extra).
 _OVERHEAD_MARGIN = 2048
+#: Bytes of the task message around the documents (job id, batch index, Celery's body).
+ENVELOPE_BYTES = 1024
 
 
 @dataclass
@@ -28,19 +30,20 @@ class Batch:
 
 
 def encoded_size(item: DocumentItem) -> int:
-    return len(json.dumps(item.to_dict(), ensure_ascii=False).encode("utf-8"))
+    """Bytes ``item`` takes in a task message: kombu's JSON escapes non-ASCII (``\\uXXXX``)."""
+    return len(json.dumps(item.to_dict()))
 
 
 def split_document(item: DocumentItem, max_bytes: int) -> list[DocumentItem]:
     """Split one oversized document into segments of at most ``max_bytes`` of content."""
-    budget = max(1024, max_bytes - _OVERHEAD_MARGIN - len(json.dumps(item.extra, ensure_ascii=False)))
+    budget = max(1024, max_bytes - _OVERHEAD_MARGIN - len(json.dumps(item.extra)))
     pieces = list(_split_text(item.content, budget))
     return [replace(item, content=piece, segment=i, segments=len(pieces)) for i, piece in enumerate(pieces)]
 
 
 def _json_size(text: str) -> int:
-    """Bytes ``text`` takes inside a JSON message (escapes such as newlines count double)."""
-    return len(json.dumps(text, ensure_ascii=False).encode("utf-8"))
+    """Bytes ``text`` takes inside a JSON message (escapes: newlines 2, non-ASCII 6 or 12)."""
+    return len(json.dumps(text))
 
 
 def _split_text(text: str, budget: int) -> Iterator[str]:
@@ -66,14 +69,15 @@ def _split_text(text: str, budget: int) -> Iterator[str]:
 
 
 def pack_batches(items: Iterable[DocumentItem], max_bytes: int) -> Iterator[Batch]:
-    """Group documents into batches whose JSON stays under ``max_bytes``."""
+    """Group documents into batches whose task message stays under ``max_bytes``."""
+    max_bytes -= ENVELOPE_BYTES
     current: list[DocumentItem] = []
     size = 0
     index = 0
     for item in items:
         parts = split_document(item, max_bytes) if encoded_size(item) > max_bytes else [item]
         for part in parts:
-            part_size = encoded_size(part)
+            part_size = encoded_size(part) + 2  # ", " between items
             if current and size + part_size > max_bytes:
                 yield Batch(index, current, size)
                 index += 1

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from common.batching import encoded_size, pack_batches, split_document
+from common.batching import ENVELOPE_BYTES, encoded_size, pack_batches, split_document
 from common.inputs import InputReader
 from common.schemas import DocumentItem, ItemError
 
@@ -132,8 +132,10 @@ def test_oversized_document_is_split_into_segments_without_losing_text() -> None
     assert [p.segment for p in parts] == list(range(len(parts)))
     assert all(p.segments == len(parts) and p.key == "big" for p in parts)
     assert all(encoded_size(p) <= 30_000 for p in parts)
-    batches = list(pack_batches([doc], max_bytes=30_000))
-    assert sum(len(b.items) for b in batches) == len(parts)
+    batches = list(pack_batches([doc], max_bytes=30_000))  # its messages leave room for the envelope
+    packed = [item for b in batches for item in b.items]
+    assert "".join(p.content for p in packed) == content
+    assert all(b.nbytes <= 30_000 - ENVELOPE_BYTES for b in batches)
 
 
 def test_a_50_mb_document_splits_into_1_mb_segments_losslessly(tmp_path: Path) -> None:
@@ -146,3 +148,12 @@ def test_a_50_mb_document_splits_into_1_mb_segments_losslessly(tmp_path: Path) -
     parts = [item for b in batches for item in b.items]
     assert len(parts) >= 50 and all(b.nbytes <= 1_000_000 for b in batches)
     assert "".join(p.content for p in parts) == content
+
+
+def test_non_ascii_text_is_measured_as_it_travels() -> None:
+    """kombu's JSON escapes non-ASCII, so a CJK page takes about twice its UTF-8 bytes."""
+    docs = [DocumentItem(key=f"zh{i}", item=f"zh{i}", content="云硬盘挂载到云主机。" * 300) for i in range(40)]
+    batches = list(pack_batches(docs, max_bytes=50_000))
+    for b in batches:
+        body = json.dumps([["job", b.index, b.to_payload()], {}, {}])
+        assert len(body) <= 50_000
