@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     qa_s_per_question: float = Field(30.0, gt=0, description="QA seconds per question with generation")
     task_soft_time_limit_s: int = 1800  # fallback for tasks sent without their own limits
     task_time_limit_s: int = 2100
-    visibility_timeout_s: int = 3600
+    visibility_timeout_s: int = 1800
     max_task_attempts: int = Field(3, ge=1, description="deliveries of one batch before its items fail")
 
     # --- HTTP front door (`ragq serve`) -------------------------------------------

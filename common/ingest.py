@@ -8,6 +8,7 @@ the task can be retried, since they are usually transient.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,11 +62,15 @@ class Ingestor:
         self.store = store
         self.chunker = make_chunker(embedder, chunk_tokens, overlap)
         self._collection_ready = False
+        self._collection_lock = threading.Lock()
 
     def ensure_collection(self) -> None:
-        if not self._collection_ready:
-            self.store.ensure_collection(self.embedder.dimension, self.embedder.model_name)
-            self._collection_ready = True
+        # The warm-up thread and the first batch may both get here on a fresh store;
+        # creating the collection twice at once fails in the loser.
+        with self._collection_lock:
+            if not self._collection_ready:
+                self.store.ensure_collection(self.embedder.dimension, self.embedder.model_name)
+                self._collection_ready = True
 
     def ingest(self, items: Sequence[DocumentItem]) -> BatchOutcome:
         started = time.perf_counter()

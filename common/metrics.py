@@ -49,6 +49,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "tokens": ("ragq_tokens_embedded_total", "Tokens run through the embedding model."),
     "questions": ("ragq_questions_answered_total", "Questions answered."),
     "questions_failed": ("ragq_questions_failed_total", "Questions that failed (per-item errors)."),
+    "store_retries": ("ragq_store_retries_total", "Batches retried inside their task after a vector store failure."),
 }
 
 _TASK_STATES = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried"}

@@ -17,6 +17,9 @@ def build_config(settings: Settings) -> dict[str, Any]:
     """
     transport = {
         "visibility_timeout": settings.visibility_timeout_s,
+        # look for messages whose visibility ran out every ~10 s, not kombu's ~100 s, so
+        # a batch of a worker killed outright comes back soon after its timeout
+        "unacked_restore_throttle": 1,
         "health_check_interval": 30,
         "socket_keepalive": True,
     }

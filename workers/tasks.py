@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery.signals import worker_process_init, worker_process_shutdown
 
@@ -26,6 +28,7 @@ from common.vectorstore import StoreError
 from workers.app import app, settings
 
 log = logging.getLogger("ragq.worker")
+T = TypeVar("T")
 metrics.install_worker_hooks(settings)  # counters and stage timings -> Redis after each task
 
 _runtime: Runtime | None = None
@@ -98,11 +101,26 @@ def _begin(job_id: str, batch: int) -> tuple[JobRecord, str | None, str | None]:
     return job, None, None
 
 
-def _retry_or_fail(task: Any, exc: Exception) -> str:
-    """Retry a transient store failure with backoff; past the last attempt, the reason."""
-    if task.request.retries + 1 < settings.max_task_attempts:
-        raise task.retry(exc=exc, countdown=_backoff(task.request.retries))
-    return f"vector store unavailable after {settings.max_task_attempts} attempts: {exc}"
+def _with_store_retries(what: str, run: Callable[[], T]) -> T | str:
+    """Run ``run``, retrying a store failure with exponential backoff and jitter.
+
+    The retries happen inside the task, not as Celery retries with a countdown: Celery
+    holds such a message in memory, and a Redis restart meanwhile parks it until the
+    visibility timeout. Returns the result, or the reason once every attempt failed.
+    """
+    attempts = settings.max_task_attempts
+    for attempt in range(attempts):
+        try:
+            return run()
+        except StoreError as exc:
+            if attempt + 1 >= attempts:
+                return f"vector store unavailable after {attempts} attempts: {exc}"
+            delay = _backoff(attempt)
+            log.warning("%s: store failed (%s); retrying in %.2fs (attempt %d of %d)",
+                        what, exc, delay, attempt + 2, attempts)
+            metrics.count(store_retries=1)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 @app.task(name=tasknames.INGEST_BATCH, bind=True)
@@ -113,9 +131,9 @@ def ingest_batch(self, job_id: str, batch: int, items: list[dict[str, Any]]) -> 
         return {"job": job_id, "batch": batch, "skipped": skip}
     docs = [DocumentItem.from_dict(d) for d in items]
     try:
-        outcome = failed_outcome(docs, give_up) if give_up else runtime().ingestor().ingest(docs)
-    except StoreError as exc:
-        outcome = failed_outcome(docs, _retry_or_fail(self, exc))
+        done = give_up or _with_store_retries(f"ingest batch {batch} of job {job_id}",
+                                              lambda: runtime().ingestor().ingest(docs))
+        outcome = failed_outcome(docs, done) if isinstance(done, str) else done
     except Exception as exc:  # e.g. the soft time limit: record it rather than leave the job hanging
         log.exception("ingest batch %s of job %s failed", batch, job_id)
         outcome = failed_outcome(docs, f"batch failed: {type(exc).__name__}: {exc}")
@@ -139,13 +157,11 @@ def answer_batch(self, job_id: str, batch: int, items: list[dict[str, Any]], gen
     rt = runtime()
     questions = [QuestionItem.from_dict(d) for d in items]
     try:
-        if give_up:
-            result = failed_batch(questions, give_up)
-        else:
-            result = Answerer.from_settings(rt.embedder(), rt.store(), _generator(rt) if generate else None,
-                                            settings).answer(questions, generate=generate)
-    except StoreError as exc:
-        result = failed_batch(questions, _retry_or_fail(self, exc))
+        done = give_up or _with_store_retries(
+            f"question batch {batch} of job {job_id}",
+            lambda: Answerer.from_settings(rt.embedder(), rt.store(), _generator(rt) if generate else None,
+                                           settings).answer(questions, generate=generate))
+        result = failed_batch(questions, done) if isinstance(done, str) else done
     except Exception as exc:  # e.g. the soft time limit: record it rather than leave the job hanging
         log.exception("question batch %s of job %s failed", batch, job_id)
         result = failed_batch(questions, f"batch failed: {type(exc).__name__}: {exc}")
