@@ -49,6 +49,10 @@ class WorkerTimeout(RagqError):
     """No worker answered a synchronous request (search, info, embed) in time."""
 
 
+class WorkerFailed(RagqError):
+    """A worker took a synchronous request and failed it (the store unreachable, say)."""
+
+
 @dataclass
 class Job:
     """A handle on one job: an id and a connection, like arq's ``Job``."""
@@ -354,8 +358,21 @@ class Client:
                 f"no worker answered the {what} request within {timeout:.0f}s: is one running "
                 f"on the '{self.settings.qa_queue}' queue? Start one with `ragq worker`."
             ) from None
+        except (RagqError, redis.RedisError):
+            raise
+        except Exception as exc:  # raised by the task on the worker, re-raised here by Celery
+            if not self._redis_answers():
+                raise  # the broker went away (Celery raises a bare error then): not the worker's doing
+            raise WorkerFailed(f"the worker failed the {what} request: {type(exc).__name__}: "
+                               f"{' '.join(str(exc).split())[:500]}") from None
         finally:
             result.forget()
+
+    def _redis_answers(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except redis.RedisError:
+            return False
 
     def queue_depths(self) -> dict[str, int]:
         """Messages waiting per queue (Flower does not show this)."""

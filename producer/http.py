@@ -42,7 +42,7 @@ from common.inputs import document_from_object
 from common.jobs import JobInfo
 from common.questions import MAX_ANSWER_TOKENS, MAX_QUESTION_CHARS, MAX_TOP_K, QuestionReader
 from common.schemas import ItemError, JobStatus
-from producer.client import Client, JobTimeout, RagqError, WorkerTimeout
+from producer.client import Client, JobTimeout, RagqError, WorkerFailed, WorkerTimeout
 
 log = logging.getLogger("ragq.http")
 
@@ -503,9 +503,12 @@ def _from_worker(
     because Redis went away (Celery raises a bare RuntimeError then) a 503."""
     try:
         return call(*args, **kwargs)
+    except WorkerFailed as exc:
+        log.warning("worker request failed: %s", scrub(str(exc)))
+        raise HTTPException(502, scrub(str(exc))[:600]) from None
     except (RagqError, redis.RedisError, OperationalError):
         raise
-    except Exception as exc:  # raised by the task on the worker and re-raised by Celery, or by Celery
+    except Exception as exc:  # raised by Celery (e.g. Redis gone mid-request)
         log.warning("worker request failed: %s: %s", type(exc).__name__, scrub(str(exc)))
         if not _answers(probe):
             raise HTTPException(503, "Redis is unavailable") from None
