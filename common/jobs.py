@@ -260,6 +260,10 @@ class JobRecord:
         pipe.expire(self._key(":attempts"), self.ttl)
         return int(pipe.execute()[0])
 
+    def attempts(self) -> dict[int, int]:
+        """Deliveries so far per batch (batches never started are absent)."""
+        return {int(k): int(v) for k, v in self.redis.hgetall(self._key(":attempts")).items()}
+
     def batch_done(self, batch: int) -> bool:
         return bool(self.redis.sismember(self._key(":batches"), batch))
 

@@ -145,13 +145,8 @@ def record(stack: Stack, job_id: str, client: redis.Redis | None = None) -> JobR
 
 
 def attempts(rec: JobRecord) -> dict[int, int]:
-    """Deliveries per batch, as ``JobRecord.begin_attempt`` counts them.
-
-    JobRecord has no reader for this hash yet (see the report: ``JobRecord.attempts()``);
-    the key is the record's own, built by its ``_key``.
-    """
-    raw = rec.redis.hgetall(rec._key(":attempts"))
-    return {int(k): int(v) for k, v in raw.items()}
+    """Deliveries per batch, as ``JobRecord.begin_attempt`` counts them."""
+    return rec.attempts()
 
 
 def recorded_batches(rec: JobRecord) -> set[int]:

@@ -109,3 +109,4 @@ def test_attempts_are_counted_per_batch(redis_client: redis.Redis, prefix: str) 
     job = new_job(redis_client, prefix)
     assert [job.begin_attempt(0) for _ in range(3)] == [1, 2, 3]
     assert job.begin_attempt(1) == 1
+    assert job.attempts() == {0: 3, 1: 1}
