@@ -59,6 +59,18 @@ def redis_client(redis_url: str) -> redis.Redis:
     return redis.Redis.from_url(redis_url, decode_responses=True)
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM a test's server process, then SIGKILL it if it has not exited in ``timeout``."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def worker_env(settings_env: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_")}
     env.update(settings_env)

@@ -26,7 +26,7 @@ import redis
 
 from common.config import Settings
 from common.jobs import JobRecord
-from tests.conftest import REPO, Stack
+from tests.conftest import REPO, Stack, terminate
 
 T = TypeVar("T")
 
@@ -280,13 +280,8 @@ class RedisServer:
             self.proc.wait(20)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            terminate(self.proc)
 
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""

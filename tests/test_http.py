@@ -21,7 +21,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import REPO, Stack
+from tests.conftest import REPO, Stack, terminate
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -80,12 +80,7 @@ def start_server(stack: Stack, **env: str) -> Server:
 
 
 def stop_server(server: Server) -> None:
-    server.proc.terminate()
-    try:
-        server.proc.wait(15)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait(5)
+    terminate(server.proc, 15)
 
 
 @pytest.fixture(scope="module")

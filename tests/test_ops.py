@@ -23,7 +23,7 @@ from common import metrics
 from common.jobs import JobRecord
 from common.schemas import DocumentItem, JobKind
 from producer.cli_ops import check_basic_auth, is_loopback
-from tests.conftest import REPO, Stack
+from tests.conftest import REPO, Stack, terminate
 
 FLOWER_AUTH = ("ragq", "test-secret")
 
@@ -55,12 +55,7 @@ def start_server(stack: Stack, args: list[str], url: str, log: Path, timeout: fl
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    terminate(proc)
 
 
 @pytest.fixture(scope="module")
