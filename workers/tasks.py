@@ -123,8 +123,8 @@ def _with_store_retries(what: str, run: Callable[[], T]) -> T | str:
     raise AssertionError("unreachable")
 
 
-@app.task(name=tasknames.INGEST_BATCH, bind=True)
-def ingest_batch(self, job_id: str, batch: int, items: list[dict[str, Any]]) -> dict[str, Any]:
+@app.task(name=tasknames.INGEST_BATCH)
+def ingest_batch(job_id: str, batch: int, items: list[dict[str, Any]]) -> dict[str, Any]:
     """Chunk, embed and upsert one batch of documents of job ``job_id``."""
     job, skip, give_up = _begin(job_id, batch)
     if skip:
@@ -148,8 +148,8 @@ def ingest_batch(self, job_id: str, batch: int, items: list[dict[str, Any]]) -> 
     }
 
 
-@app.task(name=tasknames.ANSWER_BATCH, bind=True)
-def answer_batch(self, job_id: str, batch: int, items: list[dict[str, Any]], generate: bool = True) -> dict[str, Any]:
+@app.task(name=tasknames.ANSWER_BATCH)
+def answer_batch(job_id: str, batch: int, items: list[dict[str, Any]], generate: bool = True) -> dict[str, Any]:
     """Retrieve and generate answers for one batch of questions of job ``job_id``."""
     job, skip, give_up = _begin(job_id, batch)
     if skip:
