@@ -26,7 +26,7 @@ from common.jobs import BatchOutcome
 from common.prompts import PromptSource, build_messages
 from common.questions import QuestionItem, answer_line, rejected_line
 from common.schemas import ItemError, Source
-from common.vectorstore import VectorStore
+from common.vectorstore import Store
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Answerer:
     def __init__(
         self,
         embedder: Embedder,
-        store: VectorStore,
+        store: Store,
         generator: Generator | None,
         *,
         top_k: int = 5,
@@ -72,7 +72,7 @@ class Answerer:
 
     @classmethod
     def from_settings(
-        cls, embedder: Embedder, store: VectorStore, generator: Generator | None, settings: Settings
+        cls, embedder: Embedder, store: Store, generator: Generator | None, settings: Settings
     ) -> Answerer:
         return cls(embedder, store, generator, top_k=settings.top_k, prompt_lang=settings.prompt_lang,
                    context_tokens=settings.context_tokens)

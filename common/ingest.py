@@ -18,7 +18,7 @@ from common.chunking import Chunk, Chunker
 from common.embedding import Embedder
 from common.jobs import BatchOutcome
 from common.schemas import DocumentItem, ItemError, point_id
-from common.vectorstore import StoredChunk, VectorStore
+from common.vectorstore import Store, StoredChunk
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def failed_outcome(items: Sequence[DocumentItem], reason: str) -> BatchOutcome:
 class Ingestor:
     """Turns document batches into stored points with one loaded model and one store."""
 
-    def __init__(self, embedder: Embedder, store: VectorStore, chunk_tokens: int = 256, overlap: int = 32):
+    def __init__(self, embedder: Embedder, store: Store, chunk_tokens: int = 256, overlap: int = 32):
         self.embedder = embedder
         self.store = store
         self.chunker = make_chunker(embedder, chunk_tokens, overlap)
@@ -104,8 +104,8 @@ class Ingestor:
                 ))
                 row += 1
         self.store.upsert(points)
+        self.store.delete_stale_many({p.item.key: p.item.version for p in prepared})
         for p in prepared:
-            self.store.delete_stale(p.item.key, p.item.version)
             self._succeed(outcome, p.item)
         lap("upsert")
         outcome.chunks = len(points)

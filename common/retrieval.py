@@ -7,12 +7,12 @@ from typing import Any
 
 from common.embedding import Embedder
 from common.schemas import Source
-from common.vectorstore import VectorStore
+from common.vectorstore import Store
 
 
 def retrieve(
     embedder: Embedder,
-    store: VectorStore,
+    store: Store,
     queries: Sequence[str],
     *,
     top_k: int = 5,

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -34,6 +34,7 @@ __all__ = [
     "EdgeStore",
     "QdrantStore",
     "SearchHit",
+    "Store",
     "StoreError",
     "StoreMismatchError",
     "StoredChunk",
@@ -48,6 +49,9 @@ _OVERFETCH = 8
 #: ... but never past this many chunks per query (a few huge documents then yield < top_k).
 _MAX_FETCH = 20_000
 _UPSERT_BATCH = 512
+#: Documents per stale-chunk lookup filter (one any-of condition on doc_key).
+_KEYS_PER_LOOKUP = 1024
+_ALL = 2**62  # a scroll limit that means "every match"
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,29 @@ def _reason(exc: BaseException, secrets: Sequence[str] = ()) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class Store(Protocol):
+    """What ingestion, retrieval and the workers use of a store.
+
+    A :class:`VectorStore` in this process, or a ``common.remote_store.RemoteStore``
+    that asks the one process owning the embedded store to do it.
+    """
+
+    backend: str
+    name: str
+    location: str
+
+    def ensure_collection(self, dimension: int, model: str) -> None: ...
+    def upsert(self, chunks: Sequence[StoredChunk]) -> None: ...
+    def delete_stale(self, doc_key: str, keep_version: str) -> int: ...
+    def delete_stale_many(self, keep: Mapping[str, str]) -> int: ...
+    def count(self, filter: Mapping[str, Any] | None = None) -> int: ...
+    def search(self, vectors: np.ndarray, top_k: int, filter: Mapping[str, Any] | None = None,
+               distinct_docs: bool = True) -> list[list[SearchHit]]: ...
+    def scroll_payloads(self, filter: Mapping[str, Any] | None = None, limit: int = 10_000) -> list[dict[str, Any]]: ...
+    def info(self) -> CollectionInfo: ...
+    def close(self) -> None: ...
+
+
 class VectorStore(ABC):
     """One collection of document chunks; see the module docstring for the backends."""
 
@@ -175,14 +202,28 @@ class VectorStore(ABC):
 
     def delete_stale(self, doc_key: str, keep_version: str) -> int:
         """Delete points of doc_key left over from a version other than keep_version."""
-        if not self._exists():
+        return self.delete_stale_many({doc_key: keep_version})
+
+    def delete_stale_many(self, keep: Mapping[str, str]) -> int:
+        """For every doc_key in `keep`, delete its points of any other version than keep[doc_key].
+
+        One lookup (ids and versions of the batch's documents) and one delete by id per
+        ~thousand documents, not a count and a delete per document: each call is a round
+        trip to a Qdrant server, or to the process that owns the embedded store.
+        """
+        if not keep or not self._exists():
             return 0
-        where = _Where(must=(("doc_key", doc_key),), must_not=(("doc_version", keep_version),))
-        with self._wrap("delete stale chunks"):
-            stale = self._count(where)
-            if stale:
-                self._delete(where)
-        return stale
+        keys = list(keep)
+        stale: list[str] = []
+        for start in range(0, len(keys), _KEYS_PER_LOOKUP):
+            where = _Where(must=(("doc_key", keys[start : start + _KEYS_PER_LOOKUP]),))
+            with self._wrap("find stale chunks"):
+                rows = self._scroll(where, _ALL, fields=["doc_key", "doc_version"])
+            stale.extend(r["id"] for r in rows if r.get("doc_version") != keep.get(r.get("doc_key")))
+        for start in range(0, len(stale), _UPSERT_BATCH):
+            with self._wrap("delete stale chunks"):
+                self._delete_ids(stale[start : start + _UPSERT_BATCH])
+        return len(stale)
 
     def count(self, filter: Mapping[str, Any] | None = None) -> int:
         """Exact number of points matching `filter` (0 when the collection is missing)."""
@@ -323,7 +364,7 @@ class VectorStore(ABC):
     def _count(self, where: _Where) -> int: ...
 
     @abstractmethod
-    def _delete(self, where: _Where) -> None: ...
+    def _delete_ids(self, ids: Sequence[str]) -> None: ...
 
     @abstractmethod
     def _query(self, queries: np.ndarray, limit: int, where: _Where) -> list[list[SearchHit]]:
@@ -455,10 +496,8 @@ class EdgeStore(VectorStore):
     def _count(self, where: _Where) -> int:
         return self._require().count(qe.CountRequest(exact=True, filter=self._filter(where)))
 
-    def _delete(self, where: _Where) -> None:
-        edge_filter = self._filter(where)
-        assert edge_filter is not None  # never delete everything by accident
-        self._require().update(qe.UpdateOperation.delete_points_by_filter(edge_filter))
+    def _delete_ids(self, ids: Sequence[str]) -> None:
+        self._require().update(qe.UpdateOperation.delete_points(list(ids)))
 
     def _query(self, queries: np.ndarray, limit: int, where: _Where) -> list[list[SearchHit]]:
         edge_filter = self._filter(where)
@@ -570,10 +609,8 @@ class QdrantStore(VectorStore):
     def _count(self, where: _Where) -> int:
         return self.client.count(self.name, count_filter=self._filter(where), exact=True).count
 
-    def _delete(self, where: _Where) -> None:
-        client_filter = self._filter(where)
-        assert client_filter is not None  # never delete everything by accident
-        self.client.delete(self.name, points_selector=qm.FilterSelector(filter=client_filter), wait=True)
+    def _delete_ids(self, ids: Sequence[str]) -> None:
+        self.client.delete(self.name, points_selector=qm.PointIdsList(points=list(ids)), wait=True)
 
     def _query(self, queries: np.ndarray, limit: int, where: _Where) -> list[list[SearchHit]]:
         client_filter = self._filter(where)

@@ -129,6 +129,26 @@ def test_reupsert_does_not_duplicate_and_delete_stale(store: VectorStore) -> Non
     assert store.count() == 8
 
 
+def test_delete_stale_many_prunes_each_document_by_its_own_version(store: VectorStore) -> None:
+    rng = np.random.default_rng(12)
+    docs = {f"d{i}": 4 for i in range(30)}
+    store.upsert([make_chunk(k, i, v) for k, n in docs.items() for i, v in enumerate(unit_vectors(rng, n))])
+    # New versions: even documents shrink to 2 chunks, odd ones are rewritten whole; d29 untouched.
+    keep = {}
+    for n, key in enumerate(list(docs)[:29]):
+        size = 2 if n % 2 == 0 else 4
+        store.upsert([make_chunk(key, i, v, version=f"v2-{key}") for i, v in enumerate(unit_vectors(rng, size))])
+        keep[key] = f"v2-{key}"
+    assert store.delete_stale_many(keep) == 15 * 2  # the 15 even documents lose chunks 2-3
+    for key in keep:
+        rows = store.scroll_payloads({"doc_key": key})
+        assert {r["doc_version"] for r in rows} == {keep[key]}
+    assert store.count({"doc_key": "d29"}) == 4
+    assert store.count() == 15 * 2 + 14 * 4 + 4
+    assert store.delete_stale_many(keep) == 0
+    assert store.delete_stale_many({}) == 0
+
+
 def test_filter_on_product(store: VectorStore) -> None:
     rng = np.random.default_rng(3)
     vectors = unit_vectors(rng, 60)
