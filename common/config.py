@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # --- Queues and time limits -------------------------------------------------
     ingest_queue: str = "ingest"
     qa_queue: str = "qa"
+    # With the embedded store, the one worker process that consumes this queue owns the
+    # store; other worker processes send it their store calls (common/remote_store.py).
+    store_queue: str = "store"
+    store_request_timeout_s: float = Field(60.0, gt=0, description="wait for the store owner's answer")
     # Per-batch time limits grow with the batch (common/limits.py); a task's hard limit
     # is 1.25 x its soft limit + 30 s, and the visibility timeout must exceed them all.
     task_base_s: float = Field(120.0, gt=0, description="time every batch gets, on top of its size")

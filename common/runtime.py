@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from common.embedding import Embedder
     from common.generators import Generator
     from common.ingest import Ingestor
-    from common.vectorstore import VectorStore
+    from common.remote_store import Transport
+    from common.vectorstore import Store
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -38,16 +39,21 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 
 class Runtime:
-    """The lazily loaded resources of one worker process."""
+    """The lazily loaded resources of one worker process.
 
-    def __init__(self, settings: Settings) -> None:
+    ``store_transport`` is given to a process that uses the embedded store without owning
+    it: its store is then a :class:`~common.remote_store.RemoteStore` over that transport.
+    """
+
+    def __init__(self, settings: Settings, store_transport: Transport | None = None) -> None:
         self.settings = settings
+        self.store_transport = store_transport
         self.redis = redis_client(settings)
         # One lock per resource: loading a large LLM must not hold up the embedder or
         # the store, which an ingest batch or a search needs at once.
         self._locks = {name: threading.Lock() for name in ("embedder", "store", "ingestor", "generator")}
         self._embedder: Embedder | None = None
-        self._store: VectorStore | None = None
+        self._store: Store | None = None
         self._ingestor: Ingestor | None = None
         self._generator: Generator | None = None
 
@@ -63,12 +69,21 @@ class Runtime:
                 self._embedder = Embedder(s.embed_model, s.device, s.embed_batch_tokens, s.torch_threads)
             return self._embedder
 
-    def store(self) -> VectorStore:
+    def store(self) -> Store:
         with self._locks["store"]:
             if self._store is None:
-                from common.vectorstore import open_store
+                if self.store_transport is not None:
+                    from common.remote_store import RemoteStore
 
-                self._store = open_store(self.settings)
+                    s = self.settings
+                    self._store = RemoteStore(
+                        self.redis, self.store_transport, collection=s.collection,
+                        location=str(s.store_dir / s.collection), queue=s.store_queue,
+                        prefix=s.key_prefix, timeout_s=s.store_request_timeout_s)
+                else:
+                    from common.vectorstore import open_store
+
+                    self._store = open_store(self.settings)
             return self._store
 
     def ingestor(self) -> Ingestor:

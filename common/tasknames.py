@@ -5,6 +5,8 @@ ANSWER_BATCH = "ragq.answer_batch"
 SEARCH = "ragq.search"
 STORE_INFO = "ragq.store_info"
 EMBED = "ragq.embed"
+#: One store call for the process that owns the embedded store (common/remote_store.py).
+STORE_CALL = "ragq.store_call"
 
 #: Bounds of one ``ragq.embed`` message (texts, and their characters in all), so a
 #: synchronous embedding request stays about as small as an ingest batch.

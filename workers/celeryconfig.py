@@ -52,5 +52,6 @@ def build_config(settings: Settings) -> dict[str, Any]:
             tasknames.SEARCH: {"queue": settings.qa_queue},
             tasknames.STORE_INFO: {"queue": settings.qa_queue},
             tasknames.EMBED: {"queue": settings.qa_queue},
+            tasknames.STORE_CALL: {"queue": settings.store_queue},
         },
     }

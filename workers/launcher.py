@@ -1,7 +1,10 @@
-"""``ragq worker``: start one pinned Celery worker process per GPU (or one on the CPU).
+"""``ragq worker``: start pinned Celery worker processes, one per GPU (or on the CPU).
 
 Each process sees exactly one GPU through ``CUDA_VISIBLE_DEVICES`` and is named after
-it (``ingest-gpu0@host``), so Flower shows which device did what. The launcher stays
+it (``ingest-gpu0@host``), so Flower shows which device did what. With the embedded
+store and more than one process, a small extra process (``store@host``) owns the store
+and the others send it their store calls (see ``common/remote_store.py``); it is
+stopped last, after the others' final batches are stored. The launcher stays
 in the foreground and restarts a process that dies (after killing anything the dead
 process left behind in its process group).
 
@@ -70,34 +73,64 @@ class WorkerSpec:
     gpu: str | None
     argv: list[str]
     env: dict[str, str]
+    #: Stopped only after every other process has exited (the embedded store's owner,
+    #: which the others' last batches still need).
+    stop_last: bool = False
 
 
 def plan_workers(
     queues: Sequence[str],
     gpus: Sequence[str],
     *,
+    processes: int = 1,
+    store_queue: str | None = None,
     pool: str = "prefork",
     loglevel: str = "INFO",
     hostname: str | None = None,
     extra_args: Sequence[str] = (),
 ) -> list[WorkerSpec]:
+    """The worker processes of one ``ragq worker``: ``processes`` per GPU (or on the CPU).
+
+    ``store_queue`` is given when this launch owns the embedded store. One process then
+    consumes it itself; with more, a small extra process (no model, CPU) owns the store
+    and the others send it their store calls, so any number of them can embed.
+    """
     host = hostname or socket.gethostname()
-    label = "-".join(queues)
-    base = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", ",".join(queues),
-            "-P", pool, "-c", "1", "-E", "--loglevel", loglevel, "--without-gossip", "--without-mingle",
-            *extra_args]
+    queues = [q for q in queues if q != store_queue]
+    devices = list(gpus) or [None]
+    many = len(devices) * processes > 1
+    if store_queue and not many:
+        queues = [*queues, store_queue]
+    label = "-".join(q for q in queues if q != store_queue) or "store"
+    cpu_threads = max(1, (os.cpu_count() or 1) // processes)
     specs: list[WorkerSpec] = []
-    for gpu in gpus or [None]:
-        env = dict(os.environ)
-        if gpu is None:
-            name = f"{label}-cpu@{host}"
-            env["CUDA_VISIBLE_DEVICES"] = ""
-            env.setdefault("RAGQ_DEVICE", "cpu")
-        else:
-            name = f"{label}-gpu{gpu}@{host}"
-            env["CUDA_VISIBLE_DEVICES"] = gpu
-        specs.append(WorkerSpec(name, gpu, [*base, "-n", name], env))
+    for gpu in devices:
+        for index in range(processes):
+            env = dict(os.environ)
+            suffix = f".{index}" if processes > 1 else ""
+            if gpu is None:
+                name = f"{label}-cpu{suffix}@{host}"
+                env["CUDA_VISIBLE_DEVICES"] = ""
+                env.setdefault("RAGQ_DEVICE", "cpu")
+                if processes > 1:  # share the cores instead of every process using all of them
+                    env.setdefault("RAGQ_TORCH_THREADS", str(cpu_threads))
+            else:
+                name = f"{label}-gpu{gpu}{suffix}@{host}"
+                env["CUDA_VISIBLE_DEVICES"] = gpu
+            specs.append(_spec(name, gpu, queues, env, pool, loglevel, extra_args))
+    if store_queue and many:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RAGQ_DEVICE": "cpu", "RAGQ_TORCH_THREADS": "1"}
+        owner = _spec(f"store@{host}", None, [store_queue], env, pool, loglevel, extra_args)
+        specs.append(WorkerSpec(owner.name, None, owner.argv, owner.env, stop_last=True))
     return specs
+
+
+def _spec(name: str, gpu: str | None, queues: Sequence[str], env: dict[str, str], pool: str,
+          loglevel: str, extra_args: Sequence[str]) -> WorkerSpec:
+    argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", ",".join(queues),
+            "-P", pool, "-c", "1", "-E", "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+            *extra_args, "-n", name]
+    return WorkerSpec(name, gpu, argv, env)
 
 
 def _die_with_parent() -> None:
@@ -130,6 +163,7 @@ class Supervisor:
         self.signals_received = 0
         self.stop_since: float | None = None
         self.escalated: float | None = None
+        self.last_wave_sent = False
 
     def _start(self, spec: WorkerSpec) -> None:
         self.procs[spec.name] = subprocess.Popen(spec.argv, env=spec.env, process_group=0,
@@ -145,7 +179,7 @@ class Supervisor:
             self.restart_at.clear()
             print("ragq: draining (warm shutdown: running batches finish); "
                   "signal again to requeue them instead", file=sys.stderr, flush=True)
-            self._send(signal.SIGTERM)
+            self._send(signal.SIGTERM, last=False)
         elif self.escalated is None:
             self._escalate("second signal")
 
@@ -154,8 +188,12 @@ class Supervisor:
         print(f"ragq: {why}: cold shutdown, running batches go back to the queue", file=sys.stderr, flush=True)
         self._send(signal.SIGQUIT)
 
-    def _send(self, signum: int) -> None:
-        for proc in self.procs.values():
+    def _send(self, signum: int, *, last: bool | None = None) -> None:
+        """Signal the live processes: all of them, or only those (not) stopped last."""
+        stop_last = {spec.name for spec in self.specs if spec.stop_last}
+        for name, proc in self.procs.items():
+            if last is not None and (name in stop_last) != last:
+                continue
             if proc.poll() is None:
                 try:
                     proc.send_signal(signum)
@@ -185,6 +223,10 @@ class Supervisor:
                     self._escalate(f"still draining after {self.drain_timeout_s:.0f}s")
                 elif self.escalated is not None and now - self.escalated > self.COLD_GRACE_S:
                     self._send(signal.SIGKILL)
+                if not self.last_wave_sent and not any(
+                        spec.name in self.procs for spec in self.specs if not spec.stop_last):
+                    self.last_wave_sent = True  # the rest have exited: now the store owner
+                    self._send(signal.SIGTERM, last=True)
             for spec in self.specs:
                 if spec.name in self.restart_at and now >= self.restart_at[spec.name]:
                     del self.restart_at[spec.name]

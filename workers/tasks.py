@@ -40,8 +40,43 @@ def runtime() -> Runtime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            _runtime = Runtime(settings)
+            _runtime = Runtime(settings, store_transport=None if owns_store() else _ask_store_owner)
         return _runtime
+
+
+def _consumed_queues() -> set[str]:
+    """The queues this worker consumes (empty when it was started without ``-Q``)."""
+    consume_from = app.amqp.queues.consume_from
+    return {q.name for q in consume_from.values()} if consume_from else set()
+
+
+def owns_store() -> bool:
+    """Whether this process opens the vector store itself.
+
+    Always with a Qdrant server; with the embedded store only the process consuming
+    the store queue (or one started without ``-Q``, which consumes everything) does, and
+    the others send it their store calls.
+    """
+    queues = _consumed_queues()
+    return bool(settings.qdrant_url) or not queues or settings.store_queue in queues
+
+
+def _ask_store_owner(method: str, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Transport of a RemoteStore: one ``ragq.store_call`` task, waited for.
+
+    The request expires with the wait, so an owner that comes back late never runs a
+    call its sender gave up on (and has since retried).
+    """
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    result = app.send_task(tasknames.STORE_CALL, args=[method, request], queue=settings.store_queue,
+                           expires=timeout, argsrepr=f"({method!r})")
+    try:
+        return result.get(timeout=timeout, interval=0.01, disable_sync_subtasks=False)
+    except CeleryTimeout as exc:
+        raise TimeoutError(str(exc)) from exc
+    finally:
+        result.forget()
 
 
 @worker_process_init.connect
@@ -54,11 +89,13 @@ def _warm_up(**_: Any) -> None:
 
     def load() -> None:
         try:
-            queues = {q.name for q in app.amqp.queues.consume_from.values()} if app.amqp.queues.consume_from else set()
+            queues = _consumed_queues()
             rt = runtime()
             if not queues or settings.ingest_queue in queues or settings.qa_queue in queues:
                 rt.embedder()
-            if settings.ingest_queue in queues:
+            if owns_store():
+                rt.store()  # the embedded store's lock is taken now: a second owner fails at start
+            if settings.ingest_queue in queues and owns_store():
                 rt.ingestor().ensure_collection()
             if not queues or settings.qa_queue in queues:
                 rt.generator()  # a local model loads here, not in the first question batch
@@ -192,6 +229,22 @@ def search(queries: list[str], top_k: int = 5, filter: dict[str, Any] | None = N
     hits = retrieve(rt.embedder(), rt.store(), queries, top_k=top_k, filter=filter)
     lap("search")
     return [[source.__dict__ for source in row] for row in hits]
+
+
+@app.task(name=tasknames.STORE_CALL)
+def store_call(method: str, request: dict[str, Any]) -> dict[str, Any]:
+    """One store call from a worker process that does not own the embedded store."""
+    from common.remote_store import serve
+
+    rt = runtime()
+    if rt.store_transport is not None:  # would send the call to itself
+        raise RuntimeError(f"this worker does not own the store; it must consume {settings.store_queue!r}")
+    started = time.perf_counter()
+    reply = serve(rt.store(), rt.redis, method, request)
+    stage = {"upsert": "upsert", "delete_stale_many": "upsert", "search": "search"}.get(method)
+    if stage:  # the owner's own view of the store stages, under its worker name
+        metrics.observe(stage, time.perf_counter() - started)
+    return reply
 
 
 @app.task(name=tasknames.STORE_INFO)
