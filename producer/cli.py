@@ -202,12 +202,21 @@ def worker(
     queues: Optional[str] = typer.Option(
         None, help="Comma-separated queues to consume [default: RAGQ_INGEST_QUEUE,RAGQ_QA_QUEUE, i.e. ingest,qa]."),
     gpus: str = typer.Option("all", help="'all', 'none' (CPU) or GPU indices such as '0,2': one process per GPU."),
+    processes: int = typer.Option(
+        1, min=1, help="Worker processes per GPU (or on the CPU, sharing its cores)."),
+    store_owner: bool = typer.Option(
+        True, help="Embedded store only: this launch owns the store (one process consumes RAGQ_STORE_QUEUE). "
+                   "Use --no-store-owner for further launches on the same host."),
     pool: str = typer.Option("prefork", help="Celery pool of each process (prefork: crash-isolated, time limits enforced)."),
     loglevel: str = typer.Option("INFO", help="Celery log level."),
     drain_timeout: Optional[float] = typer.Option(
         None, help="On SIGTERM, seconds to let running batches finish before requeueing them [default: wait]."),
 ) -> None:
-    """Start pinned worker processes (one per GPU, or one on the CPU) and supervise them."""
+    """Start pinned worker processes (per GPU, or on the CPU) and supervise them.
+
+    With the embedded store (no RAGQ_QDRANT_URL) and more than one process, an extra
+    process owns the store and the others send it their writes and searches.
+    """
     from workers.launcher import Supervisor, plan_workers, select_gpus
 
     settings = Settings()
@@ -216,13 +225,9 @@ def worker(
         chosen = select_gpus(gpus)
     except ValueError as exc:
         _fail(str(exc))
-    if len(chosen) > 1 and not settings.qdrant_url:
-        err.print("[yellow]note:[/yellow] the embedded store can be owned by one process only; "
-                  f"starting one worker on GPU {chosen[0]}. Set RAGQ_QDRANT_URL to a Qdrant server "
-                  "to use every GPU.", highlight=False)
-        chosen = chosen[:1]
     names = [q.strip() for q in queues.split(",") if q.strip()]
-    specs = plan_workers(names, chosen, pool=pool, loglevel=loglevel)
+    owner_queue = settings.store_queue if store_owner and not settings.qdrant_url else None
+    specs = plan_workers(names, chosen, processes=processes, store_queue=owner_queue, pool=pool, loglevel=loglevel)
     raise typer.Exit(Supervisor(specs, drain_timeout_s=drain_timeout).run())
 
 

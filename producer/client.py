@@ -375,8 +375,10 @@ class Client:
             return False
 
     def queue_depths(self) -> dict[str, int]:
-        """Messages waiting per queue (Flower does not show this)."""
-        return {q: int(self.redis.llen(q)) for q in (self.settings.ingest_queue, self.settings.qa_queue)}
+        """Messages waiting per queue (Flower does not show this); the store queue when embedded."""
+        s = self.settings
+        queues = [s.ingest_queue, s.qa_queue] + ([] if s.qdrant_url else [s.store_queue])
+        return {q: int(self.redis.llen(q)) for q in queues}
 
 
 def _content_key(source: str, obj: Any) -> str:

@@ -711,7 +711,8 @@ def _health_checks(
         checks["store"] = {"ok": False, "error": "not checked: Redis is unreachable"}
         return checks
 
-    queues = (settings.ingest_queue, settings.qa_queue)
+    # with the embedded store, its owner consumes the store queue; searches need it too
+    queues = (settings.ingest_queue, settings.qa_queue) + (() if settings.qdrant_url else (settings.store_queue,))
     consumers = _consumers(client, queues)
     missing = [q for q in queues if not consumers.get(q)]
     checks["queues"] = {

@@ -92,6 +92,7 @@ class Stack:
             "RAGQ_KEY_PREFIX": f"ragq-test-{tag}",
             "RAGQ_INGEST_QUEUE": f"ingest-{tag}",
             "RAGQ_QA_QUEUE": f"qa-{tag}",
+            "RAGQ_STORE_QUEUE": f"store-{tag}",
             "RAGQ_COLLECTION": "test_docs",
             "RAGQ_LLM_BACKEND": "none",
             **overrides,
@@ -106,13 +107,14 @@ class Stack:
         values.update(changes)
         return Settings(_env_file=None, **values)
 
-    def start_worker(self, queues: str | None = None, timeout: float = 120.0) -> None:
+    def start_worker(self, queues: str | None = None, timeout: float = 120.0, *, processes: int = 1) -> None:
+        """``ragq worker --gpus none`` with ``processes`` processes; returns once the store answers."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         queues = queues or f"{self.env_vars['RAGQ_INGEST_QUEUE']},{self.env_vars['RAGQ_QA_QUEUE']}"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "producer", "worker", "--gpus", "none", "--queues", queues,
-             "--loglevel", "INFO"],
+             "--processes", str(processes), "--loglevel", "INFO"],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         from producer.client import Client, RagqError

@@ -234,6 +234,7 @@ def test_health(http: httpx.Client, lonely: Server, stack: Stack) -> None:
     settings = stack.settings()
     assert checks["queues"]["ok"]
     assert checks["queues"][settings.ingest_queue]["workers"] and checks["queues"][settings.qa_queue]["workers"]
+    assert checks["queues"][settings.store_queue]["workers"]  # the one process owns the embedded store too
     assert checks["store"]["ok"] and checks["store"]["collection"] == "test_docs"
     # No worker on the qa queue: unhealthy, and it says why.
     with lonely.client(token=None) as client:

@@ -197,3 +197,67 @@ def test_crash_restarts_and_second_signal_escalates(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 3
     assert "second signal: cold shutdown" in log.read_text()
+
+
+_DRAINING_WORKER = """
+import signal, sys, time
+name, delay = sys.argv[1], float(sys.argv[2])
+def term(*_):
+    print(f"TERM {name}", flush=True)
+    time.sleep(delay)  # finishing its batch
+    print(f"EXIT {name}", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+print(f"up {name}", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+_TWO_LAUNCHER = """
+import sys
+from workers.launcher import Supervisor, WorkerSpec
+code = {code!r}
+specs = [WorkerSpec("embed@test", None, [sys.executable, "-c", code, "embed", "1.0"], {{}}),
+         WorkerSpec("store@test", None, [sys.executable, "-c", code, "store", "0"], {{}}, stop_last=True)]
+sys.exit(Supervisor(specs, poll_s=0.05).run())
+"""
+
+
+def test_the_store_owner_is_stopped_after_the_others_drain(tmp_path: Path) -> None:
+    log = tmp_path / "launcher.log"
+    proc = subprocess.Popen([sys.executable, "-c", _TWO_LAUNCHER.format(code=_DRAINING_WORKER)],
+                            cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while not ("up embed" in log.read_text() and "up store" in log.read_text()):
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    text = log.read_text()
+    # the embedding process's last batch still needs the owner: it goes first, the owner after
+    assert text.index("TERM embed") < text.index("EXIT embed") < text.index("TERM store"), text
+
+
+def test_plan_shares_the_embedded_store_through_one_owner() -> None:
+    from workers.launcher import plan_workers
+
+    (single,) = plan_workers(["ingest", "qa"], [], store_queue="store", hostname="h")
+    assert single.name == "ingest-qa-cpu@h" and _queues(single) == "ingest,qa,store"
+
+    specs = plan_workers(["ingest", "qa"], ["0", "1"], store_queue="store", hostname="h")
+    assert [s.name for s in specs] == ["ingest-qa-gpu0@h", "ingest-qa-gpu1@h", "store@h"]
+    assert [_queues(s) for s in specs] == ["ingest,qa", "ingest,qa", "store"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0", "1", ""]
+    assert [s.stop_last for s in specs] == [False, False, True]
+
+    cpu = plan_workers(["ingest"], [], processes=2, store_queue="store", hostname="h")
+    assert [s.name for s in cpu] == ["ingest-cpu.0@h", "ingest-cpu.1@h", "store@h"]
+    assert all(s.env.get("RAGQ_TORCH_THREADS") for s in cpu[:2])
+
+    # a Qdrant server (no store queue): no owner, every process opens the server
+    served = plan_workers(["ingest", "qa"], ["0", "1"], processes=2, hostname="h")
+    assert len(served) == 4 and not any(s.stop_last or "store" in _queues(s) for s in served)
+
+
+def _queues(spec) -> str:
+    return spec.argv[spec.argv.index("-Q") + 1]
