@@ -60,8 +60,8 @@ class Embedder:
     ) -> None:
         self.model_name = model
         self.device = pick_device(device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads or os.cpu_count() or 1)
+        self.threads = (threads or os.cpu_count() or 1) if self.device.type == "cpu" else 0
+        self._use_threads()
         path = resolve_embed_model(model)
         hf_logging.disable_progress_bar()  # worker logs, not terminals
         started = time.perf_counter()
@@ -106,6 +106,7 @@ class Embedder:
         out = np.zeros((len(texts), self.dimension), dtype=np.float32)
         if not texts:
             return out, EncodeStats(0, 0, 0, 0.0)
+        self._use_threads()
         encoded = self.tokenizer(
             list(texts), add_special_tokens=True, truncation=True, max_length=self.max_tokens
         )["input_ids"]
@@ -116,6 +117,17 @@ class Embedder:
             out[rows] = self._forward([encoded[i] for i in rows], normalize)
             batches += 1
         return out, EncodeStats(len(texts), tokens, batches, time.perf_counter() - started)
+
+    def _use_threads(self) -> None:
+        """Apply the CPU thread count in the calling thread.
+
+        OpenMP keeps the count per thread: set only where the model was loaded (a
+        worker's warm-up thread), a forked pool process's task thread ran on every
+        core, and two worker processes sharing a CPU spun against each other (seen as
+        2 busy threads per process and mostly system time). Setting it is cheap.
+        """
+        if self.threads:
+            torch.set_num_threads(self.threads)
 
     def _token_budget_batches(
         self, order: list[int], encoded: list[list[int]]
