@@ -232,9 +232,10 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server of our own: loopback, a free port, AOF fsynced on every write,
     a password, its files in ``directory``. ``shutdown()`` then ``start()`` restarts
-    it on the same port and directory, as an operator's restart would."""
+    it on the same port and directory, as an operator's restart would. With ``tls``
+    it only speaks TLS, with a self-signed certificate made in ``directory`` (``ca``)."""
 
-    def __init__(self, directory: Path, password: str, port: int | None = None) -> None:
+    def __init__(self, directory: Path, password: str, port: int | None = None, *, tls: bool = False) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError("redis-server is not on PATH")
@@ -244,17 +245,30 @@ class RedisServer:
         self.proc: subprocess.Popen | None = None
         self.log_path = directory / "redis.log"
         directory.mkdir(parents=True, exist_ok=True)
+        self.tls = tls
+        self.ca = directory / "cert.pem"
+        if tls:
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                            "-keyout", str(directory / "key.pem"), "-out", str(self.ca), "-subj", "/CN=127.0.0.1",
+                            "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
 
     @property
     def url(self) -> str:
+        if self.tls:  # the certificate is verified against our CA, as production should
+            return (f"rediss://:{self.password}@127.0.0.1:{self.port}/0"
+                    f"?ssl_cert_reqs=required&ssl_ca_certs={self.ca}")
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def client(self) -> redis.Redis:
+        tls = {"ssl": True, "ssl_ca_certs": str(self.ca), "ssl_cert_reqs": "required"} if self.tls else {}
         return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, decode_responses=True,
-                           socket_connect_timeout=2, socket_timeout=5)
+                           socket_connect_timeout=2, socket_timeout=5, **tls)
 
     def start(self, timeout: float = 20.0) -> None:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+        port = (["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.ca),
+                 "--tls-key-file", str(self.directory / "key.pem"), "--tls-auth-clients", "no"]
+                if self.tls else ["--port", str(self.port)])
+        args = [self.binary, *port, "--bind", "127.0.0.1", "--dir", str(self.directory),
                 "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--requirepass", self.password,
                 "--logfile", str(self.log_path), "--daemonize", "no", "--protected-mode", "yes"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
