@@ -7,7 +7,11 @@ Both sides get the same texts, model, device, threads and batch policy:
     from the first enqueue until the job record says every chunk is stored.
 The figure of merit is pipeline tokens/s divided by in-process tokens/s (target >= 0.9).
 
-    python bench/ingest.py [--docs 400] [--device cpu|cuda] [--repeat 1]
+    python bench/ingest.py [--docs 400] [--device cpu|cuda] [--processes 1]
+
+``--processes N`` runs N worker processes (per GPU, or sharing the CPU's cores); with
+the embedded store and N > 1 they send their writes to the store-owning process, so
+the ratio then measures that topology against the same in-process loop.
 
 The pipeline uses its own queue names, key prefix and temporary store, so it never
 touches a running deployment's queues. Results go to stdout and bench/results/.
@@ -63,21 +67,23 @@ def in_process(files: list[Path], settings) -> dict:
             "seconds": seconds, "tokens_per_s": tokens / seconds, "device": str(embedder.device)}
 
 
-def pipeline(files: list[Path], env: dict[str, str], settings) -> dict:
+def pipeline(files: list[Path], env: dict[str, str], settings, processes: int = 1) -> dict:
     from producer.client import Client
 
     log = open(Path(env["RAGQ_DATA_DIR"]) / "worker.log", "wb")
     gpus = "none" if settings.device == "cpu" else "all"
     # an ingest-only worker, as deployments run them (no LLM loading beside the batches)
     worker = subprocess.Popen([sys.executable, "-m", "producer", "worker", "--gpus", gpus,
-                               "--queues", settings.ingest_queue],
+                               "--queues", settings.ingest_queue, "--processes", str(processes)],
                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         client = Client(settings)
         deadline = time.monotonic() + 180
         log_path = Path(env["RAGQ_DATA_DIR"]) / "worker.log"
-        # warm: the worker consumes, and its warm-up thread has loaded the model
-        while not all(m in log_path.read_bytes() for m in (b"ready.", b"loaded embedding model")):
+        # warm: every process consumes, and each warm-up thread has loaded the model
+        owner = processes > 1 and not settings.qdrant_url
+        while not (log_path.read_bytes().count(b"ready.") >= processes + owner
+                   and log_path.read_bytes().count(b"loaded embedding model") >= processes):
             if time.monotonic() > deadline or worker.poll() is not None:
                 sys.exit(f"the worker did not start; see {log_path}")
             time.sleep(0.2)
@@ -102,6 +108,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=400, help="corpus pages to ingest (spread over the corpus)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fp16 on cuda)")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes (per GPU, or on the CPU)")
     args = parser.parse_args()
 
     from common.config import Settings
@@ -112,6 +119,7 @@ def main() -> int:
     env.update({
         "RAGQ_DATA_DIR": str(data_dir), "RAGQ_KEY_PREFIX": f"ragq-bench-{tag}", "RAGQ_DEVICE": args.device,
         "RAGQ_INGEST_QUEUE": f"bench-ingest-{tag}", "RAGQ_QA_QUEUE": f"bench-qa-{tag}",
+        "RAGQ_STORE_QUEUE": f"bench-store-{tag}",
         "RAGQ_COLLECTION": "bench", "TOKENIZERS_PARALLELISM": "false",
     })
     os.environ.update(env)
@@ -119,19 +127,19 @@ def main() -> int:
     files = corpus_files(args.docs)
 
     local = in_process(files, settings)
-    piped = pipeline(files, env, settings)
+    piped = pipeline(files, env, settings, args.processes)
     assert local["tokens"] == piped["tokens"], (local["tokens"], piped["tokens"])
     ratio = piped["tokens_per_s"] / local["tokens_per_s"]
-    result = {"docs": len(files), "device": local["device"], "threads": os.cpu_count(),
+    result = {"docs": len(files), "device": local["device"], "threads": os.cpu_count(), "processes": args.processes,
               "in_process": local, "pipeline": piped, "ratio": ratio, "target": 0.9}
     print(f"documents {len(files)}, chunks {local['chunks']}, tokens {local['tokens']}, "
-          f"batches {local['batches']}, device {local['device']}")
+          f"batches {local['batches']}, device {local['device']}, worker processes {args.processes}")
     print(f"in-process embed-only: {local['seconds']:.1f} s  {local['tokens_per_s']:.0f} tokens/s")
     print(f"pipeline (enqueue -> all stored): {piped['seconds']:.1f} s  {piped['tokens_per_s']:.0f} tokens/s")
     print(f"ratio pipeline / in-process: {ratio:.3f}  (target >= 0.9)")
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"ingest-{args.device}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
+    (out / f"ingest-{args.device}-p{args.processes}-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(result, indent=2))
     return 0
 
 
