@@ -158,12 +158,13 @@ def test_metrics_endpoint(stack: Stack, ingested: str, tmp_path: Path) -> None:
     samples = _samples(text)
     assert samples["ragq_redis_up"][0].value == 1
     ingest_q, qa_q = stack.env_vars["RAGQ_INGEST_QUEUE"], stack.env_vars["RAGQ_QA_QUEUE"]
+    store_q = stack.env_vars["RAGQ_STORE_QUEUE"]  # a single process owns the embedded store itself
     depths = {s.labels["queue"]: s.value for s in samples["ragq_queue_depth"]}
-    assert depths == {ingest_q: 0, qa_q: 0}
+    assert depths == {ingest_q: 0, qa_q: 0, store_q: 0}
     (info,) = samples["ragq_worker_info"]
     worker = info.labels["worker"]
     assert worker.startswith(f"{ingest_q}-{qa_q}-cpu@") and info.labels["device"] == "cpu"
-    assert info.labels["queues"] == f"{ingest_q},{qa_q}"
+    assert info.labels["queues"] == f"{ingest_q},{qa_q},{store_q}"
     assert {s.labels["worker"]: s.value for s in samples["ragq_worker_online"]} == {worker: 1}
     docs = sum(s.value for s in samples["ragq_documents_embedded_total"])
     assert docs >= 3  # the CLI's three, plus Flower's three if that test ran first
@@ -182,7 +183,7 @@ def test_metrics_endpoint(stack: Stack, ingested: str, tmp_path: Path) -> None:
 def test_top_once(stack: Stack, ingested: str) -> None:
     shown = stack.cli("top", "--once", "--json", "--interval", "0.2", timeout=60, check=True)
     snap = json.loads(shown.stdout)
-    queues = (stack.env_vars["RAGQ_INGEST_QUEUE"], stack.env_vars["RAGQ_QA_QUEUE"])
+    queues = (stack.env_vars["RAGQ_INGEST_QUEUE"], stack.env_vars["RAGQ_QA_QUEUE"], stack.env_vars["RAGQ_STORE_QUEUE"])
     assert {q["queue"]: q["waiting"] for q in snap["queues"]} == dict.fromkeys(queues, 0)
     (worker,) = snap["workers"]
     assert worker["device"] == "cpu" and worker["state"] == "online"
