@@ -120,17 +120,16 @@ def plan_workers(
             specs.append(_spec(name, gpu, queues, env, pool, loglevel, extra_args))
     if store_queue and many:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RAGQ_DEVICE": "cpu", "RAGQ_TORCH_THREADS": "1"}
-        owner = _spec(f"store@{host}", None, [store_queue], env, pool, loglevel, extra_args)
-        specs.append(WorkerSpec(owner.name, None, owner.argv, owner.env, stop_last=True))
+        specs.append(_spec(f"store@{host}", None, [store_queue], env, pool, loglevel, extra_args, stop_last=True))
     return specs
 
 
 def _spec(name: str, gpu: str | None, queues: Sequence[str], env: dict[str, str], pool: str,
-          loglevel: str, extra_args: Sequence[str]) -> WorkerSpec:
+          loglevel: str, extra_args: Sequence[str], *, stop_last: bool = False) -> WorkerSpec:
     argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", ",".join(queues),
             "-P", pool, "-c", "1", "-E", "--loglevel", loglevel, "--without-gossip", "--without-mingle",
             *extra_args, "-n", name]
-    return WorkerSpec(name, gpu, argv, env)
+    return WorkerSpec(name, gpu, argv, env, stop_last)
 
 
 def _die_with_parent() -> None:
