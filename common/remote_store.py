@@ -7,7 +7,7 @@ worker process owns it and consumes the store queue; the others hold a
 waits for the answer. Embedding, the expensive part, runs in every process; the owner
 only writes and searches, which qdrant-edge does in milliseconds per batch.
 
-Requests are JSON. Vectors travel as base64 float32 (a fifth of the size of JSON
+Requests are JSON. Vectors travel as base64 float32 (a quarter of the size of JSON
 numbers), and a request larger than :data:`INLINE_LIMIT` (an upsert of a 1 MB batch is
 several MB) is staged under a Redis key with a TTL, so the queue message stays small;
 the owner reads the key and deletes it once it has answered.
