@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,14 +129,63 @@ def test_flower_api_submits_and_polls_an_ingest_batch(stack: Stack, flower_url: 
     assert (info.status, info.total, info.completed, info.failed, info.batches_done) == ("completed", n, n, 0, 1)
     assert info.chunks == polled["result"]["chunks"]
 
-    # the task page: named, routed to the ingest queue
-    task = httpx.get(f"{flower_url}/api/task/info/{task_id}", auth=FLOWER_AUTH, timeout=10)
-    if task.status_code == 200:  # events can lag a poll behind the result
-        assert task.json()["name"] == "ragq.ingest_batch"
-        assert task.json()["routing_key"] == stack.env_vars["RAGQ_INGEST_QUEUE"]
+    # the task page: named, run by the stack's worker, and showing the short argsrepr, never
+    # the documents (Celery's task-sent event would carry them, so ragq does not send it;
+    # without it Flower does not know the routing key either)
+    def task_page() -> dict | None:
+        page = httpx.get(f"{flower_url}/api/task/info/{task_id}", auth=FLOWER_AUTH, timeout=10)
+        return page.json() if page.status_code == 200 and page.json().get("args") else None
+
+    deadline = time.monotonic() + 30
+    while (task := task_page()) is None:  # events can lag a poll behind the result
+        assert time.monotonic() < deadline, "Flower never showed the task"
+        time.sleep(0.25)
+    assert task["name"] == "ragq.ingest_batch"
+    assert task["worker"].startswith(f"{stack.env_vars['RAGQ_INGEST_QUEUE']}-")
+    assert task["args"] == f"({record.id!r}, batch=0, documents={n})"
+    assert "Load balancer listener" not in json.dumps(task)
 
     flower_metrics = httpx.get(f"{flower_url}/metrics", timeout=10).text  # Flower's own, unauthenticated
     assert "flower_worker_online" in flower_metrics
+
+
+def test_task_events_carry_the_short_argsrepr_never_documents(stack: Stack, tmp_path: Path) -> None:
+    """What Flower (or anyone on the event channel) sees of an ingest: names and counts.
+
+    Celery's task-sent event would repeat the whole batch (saferepr of its args, not the
+    message's argsrepr), so the producer does not send it; the worker's events carry the
+    argsrepr the producer wrote.
+    """
+    from producer.client import Client
+
+    marker = f"needle-{os.getpid()}-in-the-event-stream"
+    path = tmp_path / "secret.jsonl"
+    path.write_text(json.dumps({"id": "ev-1", "title": "Events", "content": f"Private text {marker}."}) + "\n")
+    client = Client(stack.settings())
+    events: list[dict] = []
+    with client.celery.connection_for_read() as conn:
+        receiver = client.celery.events.Receiver(conn, handlers={"*": events.append})
+        listener = threading.Thread(target=receiver.capture, kwargs={"limit": None, "timeout": None}, daemon=True)
+        listener.start()
+        with client.celery.connection_for_write() as out:  # ready once our own ping comes back
+            dispatcher = client.celery.events.Dispatcher(out)
+            deadline = time.monotonic() + 20
+            while not any(e.get("type") == "ragq-test-ping" for e in events):
+                assert time.monotonic() < deadline, "the event receiver never subscribed"
+                dispatcher.send("ragq-test-ping")
+                time.sleep(0.1)
+        job = client.ingest([path])
+        info = job.wait(timeout=120)
+        wait_deadline = time.monotonic() + 10
+        while not any(e.get("type") == "task-succeeded" and e.get("uuid") for e in events):
+            assert time.monotonic() < wait_deadline, [e.get("type") for e in events]
+            time.sleep(0.1)
+        receiver.should_stop = True
+    assert info.status == "completed" and info.completed == 1
+    received = [e for e in events if e.get("type") == "task-received" and e.get("name") == "ragq.ingest_batch"]
+    assert len(received) == 1 and received[0]["args"].startswith(f"({job.id!r}, batch=0, documents=1, bytes=")
+    assert not [e.get("type") for e in events if e.get("type") == "task-sent"]
+    assert marker not in json.dumps(events, default=str)
 
 
 # --------------------------------------------------------------------------- ragq metrics

@@ -42,7 +42,11 @@ def build_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": settings.task_soft_time_limit_s,
         "task_time_limit": settings.task_time_limit_s,
         "task_track_started": True,
-        "task_send_sent_event": True,
+        # Off on purpose: Celery's task-sent event carries saferepr(args), not the message's
+        # argsrepr, so every 1 MB ingest batch went out a second time over Redis pub/sub and
+        # its documents showed on Flower's task pages. Flower sees tasks from task-received
+        # on, whose args are the short argsrepr; queue depth is in `ragq top` and /metrics.
+        "task_send_sent_event": False,
         "worker_send_task_events": True,
         "worker_hijack_root_logger": False,
         "task_default_queue": settings.ingest_queue,
