@@ -332,17 +332,18 @@ class FakeLLM:
     """POST /v1/chat/completions on loopback, scriptable while it runs.
 
     ``delay_s`` holds each answer back; ``statuses`` are answered in order before the
-    200s; ``stop()`` closes the port (connection refused) and ``start()`` reopens it on
+    200s (settable while it runs); ``max_in_flight`` is the most requests it held at once; ``stop()`` closes the port (connection refused) and ``start()`` reopens it on
     the same port. A 200 echoes the question (the last line of the user message), and
     every request is recorded, so a test can count how often each question was sent.
     Handler threads are daemons and sleep in small steps, so teardown never waits long.
     """
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, statuses: list[int] | None = None) -> None:
         self.delay_s = delay_s
-        self.statuses: list[int] = []
+        self.statuses: list[int] = list(statuses or [])
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
+        self.max_in_flight = 0
         self.auth: set[str] = set()
         self.echo_auth = False
         self.port = free_port()
@@ -388,6 +389,11 @@ class FakeLLM:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def posts(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
     def posts_of(self, question: str) -> int:
         with self._lock:
             return sum(1 for r in self.requests if question in r["content"])
@@ -399,6 +405,7 @@ class FakeLLM:
             status = self.statuses.pop(0) if self.statuses else 200
             self.requests.append({"content": content, "status": status, "at": time.monotonic()})
             self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self.auth.add(handler.headers.get("Authorization", ""))
         try:
             deadline = time.monotonic() + self.delay_s

@@ -1,15 +1,13 @@
 """Generators against real backends: a llama.cpp server, a local transformers model,
-and a tiny scripted HTTP server on loopback for failures a real server won't produce
-on demand (HTTP 500, slowness)."""
+and the fault tests' scripted HTTP server on loopback (``tests.faults.FakeLLM``) for
+failures a real server won't produce on demand (HTTP 500, slowness)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -23,6 +21,7 @@ from common.generators import (
     default_local_model_path,
 )
 from common.prompts import PromptSource, build_messages
+from tests.faults import FakeLLM
 from tests.llm_server import SKIP_REASON, free_port, llama_cpp_available, start_llama_server
 
 SECRET = "sk-test-secret-never-shown"
@@ -39,91 +38,9 @@ def user(text: str) -> list[dict[str, str]]:
 # --- a scripted OpenAI-compatible server on loopback -----------------------------------
 
 
-class FakeOpenAI:
-    """Answers POST /v1/chat/completions with the scripted statuses, then 200 forever.
-
-    A 200 echoes the last message, so tests can check order. Loopback only; request
-    threads are daemons, so a slow answer never blocks shutdown.
-    """
-
-    def __init__(self, statuses: list[int] | None = None, delay_s: float = 0.0) -> None:
-        self.statuses = list(statuses or [])
-        self.delay_s = delay_s
-        self.posts = 0
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.auth: set[str] = set()
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> FakeOpenAI:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                model = {"id": "fake-model", "object": "model", "created": 0, "owned_by": "test"}
-                fake.reply(self, 200, {"object": "list", "data": [model]})
-
-            def do_POST(self) -> None:
-                fake.chat(self)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def chat(self, handler: BaseHTTPRequestHandler) -> None:
-        body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
-        with self._lock:
-            self.posts += 1
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            self.auth.add(handler.headers.get("Authorization", ""))
-            status = self.statuses.pop(0) if self.statuses else 200
-        try:
-            time.sleep(self.delay_s)
-            if status != 200:
-                error = {"message": f"scripted failure {status}", "type": "server_error"}
-                self.reply(handler, status, {"error": error})
-                return
-            content = "echo: " + body["messages"][-1]["content"]
-            message = {"role": "assistant", "content": content}
-            self.reply(handler, 200, {
-                "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
-            })
-        finally:
-            with self._lock:
-                self.in_flight -= 1
-
-    @staticmethod
-    def reply(handler: BaseHTTPRequestHandler, status: int, payload: object) -> None:
-        data = json.dumps(payload).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        try:
-            handler.wfile.write(data)
-        except OSError:
-            pass  # the client gave up (timeout test)
-
-
 @pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as server:
+def fake() -> Iterator[FakeLLM]:
+    with FakeLLM() as server:
         yield server
 
 
@@ -179,7 +96,7 @@ def test_unreachable_endpoint_without_model_reports_the_model_listing() -> None:
 
 
 def test_http_500_is_retried_and_succeeds() -> None:
-    with FakeOpenAI(statuses=[500, 503]) as server:
+    with FakeLLM(statuses=[500, 503]) as server:
         [result] = fast_client(server.base_url).generate([user("hello")])
         assert server.posts == 3
     assert result.error is None
@@ -189,7 +106,7 @@ def test_http_500_is_retried_and_succeeds() -> None:
 
 
 def test_http_500_until_retries_run_out() -> None:
-    with FakeOpenAI(statuses=[500, 500, 500]) as server:
+    with FakeLLM(statuses=[500, 500, 500]) as server:
         [result] = fast_client(server.base_url).generate([user("hello")])
         assert server.posts == 3
     assert result.text is None
@@ -197,7 +114,7 @@ def test_http_500_until_retries_run_out() -> None:
 
 
 def test_http_400_is_not_retried() -> None:
-    with FakeOpenAI(statuses=[400]) as server:
+    with FakeLLM(statuses=[400]) as server:
         results = fast_client(server.base_url, max_in_flight=1).generate([user("bad"), user("good")])
         assert server.posts == 2
     assert results[0].error == "HTTP 400: scripted failure 400"
@@ -205,7 +122,7 @@ def test_http_400_is_not_retried() -> None:
 
 
 def test_timeout_is_retried_then_reported() -> None:
-    with FakeOpenAI(delay_s=2.0) as server:
+    with FakeLLM(delay_s=2.0) as server:
         start = time.perf_counter()
         [result] = fast_client(server.base_url, timeout_s=0.3, max_retries=1).generate([user("slow")])
         elapsed = time.perf_counter() - start
@@ -214,21 +131,21 @@ def test_timeout_is_retried_then_reported() -> None:
 
 
 def test_at_most_max_in_flight_requests_and_order_kept() -> None:
-    with FakeOpenAI(delay_s=0.1) as server:
+    with FakeLLM(delay_s=0.1) as server:
         texts = [f"question {i}" for i in range(10)]
         results = fast_client(server.base_url, max_in_flight=3).generate([user(t) for t in texts])
         assert server.max_in_flight == 3
     assert [r.text for r in results] == [f"echo: {t}" for t in texts]
 
 
-def test_model_name_comes_from_the_server_when_unset(fake: FakeOpenAI) -> None:
+def test_model_name_comes_from_the_server_when_unset(fake: FakeLLM) -> None:
     generator = fast_client(fake.base_url, model=None)
     [result] = generator.generate([user("hi")])
     assert result.model == "fake-model"
     assert OpenAIGenerator(base_url=fake.base_url).model_name == "fake-model"
 
 
-def test_generate_works_from_a_worker_thread_and_inside_an_event_loop(fake: FakeOpenAI) -> None:
+def test_generate_works_from_a_worker_thread_and_inside_an_event_loop(fake: FakeLLM) -> None:
     generator = fast_client(fake.base_url)
     out: list[list[Generation]] = []
     worker = threading.Thread(target=lambda: out.append(generator.generate([user("thread")])))
