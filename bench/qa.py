@@ -5,7 +5,7 @@
     seconds in every chat completion before answering (no model behind it). A real
     ``ragq worker`` (openai backend, ``RAGQ_LLM_MAX_IN_FLIGHT=32``) answers N questions;
     the time from the first enqueue until the job is finished is compared with the ideal
-    ``N * latency / in_flight`` (target: ideal / measured >= 0.8).
+    ``N * latency / in_flight`` (target: ideal / measured >= 0.9).
 (b) Retrieval-only throughput: the same worker with ``RAGQ_LLM_BACKEND=none`` answers N
     questions (sources only); questions/s from the first enqueue to the job's end,
     against an in-process loop over the same store, model and batch size that only
@@ -158,8 +158,11 @@ class Bench:
         self.base_env.update({
             "RAGQ_DATA_DIR": str(data_dir), "RAGQ_KEY_PREFIX": f"ragq-bench-{tag}", "RAGQ_DEVICE": "cpu",
             "RAGQ_INGEST_QUEUE": f"bench-ingest-{tag}", "RAGQ_QA_QUEUE": f"bench-qa-{tag}",
+            "RAGQ_STORE_QUEUE": f"bench-store-{tag}", "RAGQ_INTERACTIVE_QUEUE": f"bench-interactive-{tag}",
             "RAGQ_COLLECTION": "bench", "RAGQ_QA_BATCH_SIZE": str(batch_size), "RAGQ_TOP_K": "5",
             "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+            # batches of 64 questions with generation have a hard limit of ~2,600 s
+            "RAGQ_VISIBILITY_TIMEOUT_S": "7200",
         })
         self.base_env.update(extra_env or {})
         self.worker: subprocess.Popen | None = None
@@ -176,19 +179,21 @@ class Bench:
 
         return Client(self.settings())
 
-    def start(self, *, threads: int = 0, **env: str) -> None:
-        """``ragq worker`` (one prefork process running one batch at a time), or with
-        ``threads`` a Celery worker running that many batches at once in one process."""
+    def start(self, *, threads: int = 0, worker_args: tuple[str, ...] = (), **env: str) -> None:
+        """``ragq worker`` (one prefork process running one batch at a time, plus its
+        interactive process; ``worker_args`` passed on), or with ``threads`` a Celery
+        worker running that many batches at once in one process."""
         self.stop()
         self.env = {**self.base_env, **env}
         queues = f"{self.env['RAGQ_INGEST_QUEUE']},{self.env['RAGQ_QA_QUEUE']}"
         log = (self.data_dir / "worker.log").open("ab")
-        if threads:
+        if threads:  # one process: it owns the embedded store, so it consumes the store queue too
+            queues += f",{self.env['RAGQ_STORE_QUEUE']}"
             argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-P", "threads",
                     "-c", str(threads), "--without-gossip", "--without-mingle", "-n", f"bench-{self.tag}@%h"]
             self.env["CUDA_VISIBLE_DEVICES"] = ""
         else:
-            argv = [sys.executable, "-m", "producer", "worker", "--gpus", "none", "--queues", queues]
+            argv = [sys.executable, "-m", "producer", "worker", "--gpus", "none", "--queues", queues, *worker_args]
         self.worker = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
         client = self.client()
@@ -218,7 +223,10 @@ class Bench:
         client = self.client()
         prefix = self.base_env["RAGQ_KEY_PREFIX"]
         keys = list(client.redis.scan_iter(match=f"{prefix}:*", count=1000))
-        keys += [self.base_env["RAGQ_INGEST_QUEUE"], self.base_env["RAGQ_QA_QUEUE"]]
+        from common.priorities import queue_keys
+
+        keys += [key for name in ("INGEST", "QA", "STORE", "INTERACTIVE")
+                 for key in queue_keys(self.base_env[f"RAGQ_{name}_QUEUE"])]
         for start in range(0, len(keys), 500):
             client.redis.delete(*keys[start:start + 500])
 
@@ -321,17 +329,17 @@ def in_process_retrieval(embedder: Any, s: Any, questions: list[str], warm: list
 
 def part_a(bench: Bench, n: int, latency: float, in_flight: int, batch_size: int, concurrent_batches: int = 1,
            repeats: int = 1) -> dict:
-    """With ``concurrent_batches`` > 1 the worker runs that many batches at once, each
-    with ``in_flight / concurrent_batches`` requests, so the server still sees at most
-    ``in_flight``: one batch's retrieval then overlaps another's generation."""
+    """With ``concurrent_batches`` > 1 the worker runs that many batches at once (a threads
+    pool); its one client shares the ``in_flight`` budget between them (the server must
+    never see more, and the peak is checked): one batch's retrieval then overlaps
+    another's generation."""
     qs = [q["query"] for q in dev_questions()]
     questions = [qs[i % len(qs)] + f" (#{i})" for i in range(n)]
-    per_batch = in_flight // concurrent_batches
     budget = repeats * n + 100  # the warm-up question and some slack
     with LatencyServer(latency, max_requests=budget, lifetime_s=max(600.0, 4 * budget * latency / in_flight)) as server:
         bench.start(threads=concurrent_batches if concurrent_batches > 1 else 0,
                     RAGQ_LLM_BACKEND="openai", RAGQ_LLM_BASE_URL=server.base_url, RAGQ_LLM_MODEL="latency-bench",
-                    RAGQ_LLM_MAX_IN_FLIGHT=str(per_batch), RAGQ_LLM_TIMEOUT_S=str(max(30.0, 10 * latency)),
+                    RAGQ_LLM_MAX_IN_FLIGHT=str(in_flight), RAGQ_LLM_TIMEOUT_S=str(max(30.0, 10 * latency)),
                     RAGQ_LLM_MAX_RETRIES="0", RAGQ_QA_BATCH_SIZE=str(batch_size))
         runs = []
         for _ in range(repeats):
@@ -342,13 +350,14 @@ def part_a(bench: Bench, n: int, latency: float, in_flight: int, batch_size: int
             peak = server.peak
             assert info.status == "completed", (info.status, info.errors[:3])
             assert len(lines) == n and all(line["answer"] for line in lines) and requests == n
+            assert peak <= in_flight, f"the server saw {peak} requests at once, above the budget of {in_flight}"
             runs.append(seconds)
     seconds = min(runs)
     ideal = n * latency / in_flight
     return {"questions": n, "latency_s": latency, "in_flight": in_flight, "batch_size": batch_size,
-            "concurrent_batches": concurrent_batches, "in_flight_per_batch": per_batch, "requests": requests,
+            "concurrent_batches": concurrent_batches, "requests": requests,
             "peak_in_flight": peak, "runs_s": [round(r, 3) for r in runs], "measured_s": round(seconds, 3),
-            "ideal_s": round(ideal, 3), "efficiency": ideal / seconds, "target": 0.8}
+            "ideal_s": round(ideal, 3), "efficiency": ideal / seconds, "target": 0.9}
 
 
 def main() -> int:
@@ -361,7 +370,7 @@ def main() -> int:
     parser.add_argument("--batch-a", type=int, default=64, help="(a) RAGQ_QA_BATCH_SIZE (>= in-flight)")
     parser.add_argument("--overlap", type=int, default=2,
                         help="(a) also run with this many batches at once per worker (threads pool), "
-                             "in-flight split between them; 1 = skip")
+                             "sharing the in-flight budget; 1 = skip")
     parser.add_argument("--questions-b", type=int, default=1024, help="(b) questions in the retrieval-only job")
     parser.add_argument("--batch-size", type=int, default=64, help="(b, c) RAGQ_QA_BATCH_SIZE, same in-process")
     parser.add_argument("--repeats", type=int, default=3,
@@ -431,14 +440,14 @@ def print_table(result: dict) -> None:
     print("-" * 80)
     for a in parts.get("a", []):
         how = ("1 batch at a time" if a["concurrent_batches"] == 1 else
-               f"{a['concurrent_batches']} batches at once x {a['in_flight_per_batch']}")
+               f"{a['concurrent_batches']} batches at once, {a['in_flight']} shared")
         print(f"{'a':<5} {str(a['questions']) + ' q, ' + str(a['latency_s']) + ' s/request, ' + how:<52}"
               f" {a['measured_s']:>10.2f} s {'':>8}")
         runs = ", ".join(f"{r:.1f}" for r in a["runs_s"])
         print(f"{'':<5} {'(best of runs: ' + runs + ' s)':<52}")
         print(f"{'':<5} {'ideal N*latency/' + str(a['in_flight']):<52} {a['ideal_s']:>10.2f} s")
         print(f"{'':<5} {'peak requests in flight seen by the server':<52} {a['peak_in_flight']:>12}")
-        print(f"{'':<5} {'efficiency = ideal / measured':<52} {a['efficiency']:>12.3f} {'>= 0.8':>8}")
+        print(f"{'':<5} {'efficiency = ideal / measured':<52} {a['efficiency']:>12.3f} {'>= 0.9':>8}")
     if "b" in parts:
         b = parts["b"]
         print(f"{'b':<5} {'retrieval-only via queue (' + str(b['pipeline']['questions']) + ' q, batch ' + str(b['batch_size']) + ')':<52}"

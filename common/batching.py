@@ -29,9 +29,13 @@ class Batch:
         return [item.to_dict() for item in self.items]
 
 
+#: Digits a sequence number may take (common.docseq numbers items after packing).
+_SEQ_DIGITS = 16
+
+
 def encoded_size(item: DocumentItem) -> int:
     """Bytes ``item`` takes in a task message: kombu's JSON escapes non-ASCII (``\\uXXXX``)."""
-    return len(json.dumps(item.to_dict()))
+    return len(json.dumps(item.to_dict())) - len(str(item.seq)) + _SEQ_DIGITS
 
 
 def split_document(item: DocumentItem, max_bytes: int) -> list[DocumentItem]:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,16 @@ class InputReader:
     def __init__(self, *, max_document_bytes: int, follow_symlinks: bool = False) -> None:
         self.max_document_bytes = max_document_bytes
         self.follow_symlinks = follow_symlinks
-        self.skipped_files = 0  # files of other types met while walking a directory
+        self.skipped_files = 0  # files of other types met while walking, or read already
+        self._read_paths: set[str] = set()  # resolved paths read so far: a file is read once
+
+    def read_sources(self, paths: Iterable[str | Path], source: str | None = None) -> Iterator[InputEvent]:
+        """:meth:`read`, each document marked with its source (``source``, else the resolved
+        path it was found under), which ``ragq ingest --sync`` deletes by."""
+        for path in paths:
+            name = source or str(Path(path).resolve())
+            for event in self.read([path]):
+                yield replace(event, source=name) if isinstance(event, DocumentItem) else event
 
     def read(self, paths: Iterable[str | Path]) -> Iterator[InputEvent]:
         for raw in paths:
@@ -88,6 +98,17 @@ class InputReader:
                 yield from self._read_file(path, explicit=False)
 
     def _read_file(self, path: Path, explicit: bool) -> Iterator[InputEvent]:
+        # A symlink inside the root, or a path given twice, names a file already read: its
+        # documents have the same keys (file_key), so reading it again would only embed them twice.
+        try:
+            real = str(path.resolve(strict=True))
+        except (OSError, RuntimeError):
+            real = None
+        if real is not None and real in self._read_paths:
+            self.skipped_files += 1
+            return
+        if real is not None:
+            self._read_paths.add(real)
         suffix = path.suffix.lower()
         if suffix not in SUPPORTED_SUFFIXES:
             yield ItemError(
@@ -136,9 +157,9 @@ class InputReader:
             return
         if isinstance(data, list):
             for n, obj in enumerate(data):
-                yield document_from_object(obj, item=f"{path}[{n}]", default_key=f"{path}[{n}]")
+                yield document_from_object(obj, item=f"{path}[{n}]", default_key=f"{file_key(path)}[{n}]")
         else:
-            yield document_from_object(data, item=str(path), default_key=str(path))
+            yield document_from_object(data, item=str(path), default_key=file_key(path))
 
     def _read_jsonl(self, path: Path) -> Iterator[InputEvent]:
         try:
@@ -169,7 +190,7 @@ class InputReader:
                 except RecursionError:
                     yield ItemError(item, "malformed JSON: nested too deeply")
                     continue
-                yield document_from_object(obj, item=item, default_key=item)
+                yield document_from_object(obj, item=item, default_key=f"{file_key(path)}:{lineno}")
 
     @staticmethod
     def _text_document(path: Path, text: str) -> InputEvent:
@@ -178,7 +199,7 @@ class InputReader:
         match = _HEADING.search(text)
         title = match.group(1).strip() if match else path.stem
         return _make_document(
-            key=str(path), item=str(path), content=text, title=title, product="", url=str(path), extra={}
+            key=file_key(path), item=str(path), content=text, title=title, product="", url=str(path), extra={}
         )
 
 
@@ -196,6 +217,15 @@ def _utf8_name(path: Path) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def file_key(path: Path) -> str:
+    """A file's identity: its resolved absolute path, however it was spelled.
+
+    ``docs/a.md``, ``./docs/a.md`` and ``/abs/docs/a.md`` are one document, so
+    ingesting it again, from any working directory, replaces it instead of adding a copy.
+    """
+    return str(path.resolve())
 
 
 def display_path(path: Path) -> str:

@@ -4,7 +4,12 @@ Only this module knows ragq's Redis keys (``{prefix}:job:{id}`` and its companio
 A record is one hash plus a list of errors; counters change through one Lua script per
 batch, so a batch that is delivered twice (a worker killed after its work, before its
 ack) is counted once, and the job's final status is decided atomically with the last
-batch. Every write refreshes the record's expiry in the same round trip.
+batch. Every write refreshes the record's expiry in the same round trip. A job that
+reaches a final status is announced on ``{prefix}:jobs:finished`` (PUBLISH of its id, in
+the same script), so a waiter (the HTTP server's ``/v1/answer``) needs no polling loop.
+A job created with a webhook URL is also pushed, in that script, onto the durable list
+``{prefix}:jobs:ended``, from which the webhook sender makes its event: a worker does one
+RPUSH more and never waits on a receiver.
 """
 
 from __future__ import annotations
@@ -14,14 +19,23 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
+from common.docseq import DocSequences
 from common.schemas import ItemError, JobKind, JobStatus
 
+if TYPE_CHECKING:
+    from redis.asyncio import Redis as AsyncRedis
+
 _FINALIZE = """
-local function finalize(job, now)
+local function announce(job, ended, channel, id)
+  redis.call('PUBLISH', channel, id)
+  if redis.call('HEXISTS', job, 'webhook_url') == 1 then redis.call('RPUSH', ended, id) end
+end
+
+local function finalize(job, now, channel, id, ended)
   local st = redis.call('HGET', job, 'status')
   if st ~= 'queued' and st ~= 'in_progress' then return end
   if redis.call('HGET', job, 'sealed') ~= '1' then return end
@@ -36,11 +50,12 @@ local function finalize(job, now)
   end
   redis.call('HSET', job, 'status', status, 'finished_at', now)
   if not redis.call('HGET', job, 'started_at') then redis.call('HSET', job, 'started_at', now) end
+  announce(job, ended, channel, id)
 end
 """
 
-# KEYS: job, batches, errors, parts, failed_docs
-# ARGV: batch, completed, failed, chunks, tokens, now, ttl, errors_json, parts_json
+# KEYS: job, batches, errors, parts, failed_docs, ended
+# ARGV: batch, completed, failed, chunks, tokens, now, ttl, errors_json, parts_json, channel, id, skipped
 _FINISH_BATCH = _FINALIZE + """
 local job = KEYS[1]
 if redis.call('EXISTS', job) == 0 then return -1 end
@@ -58,22 +73,23 @@ redis.call('HINCRBY', job, 'completed', completed)
 redis.call('HINCRBY', job, 'failed', failed)
 redis.call('HINCRBY', job, 'chunks', ARGV[4])
 redis.call('HINCRBY', job, 'tokens', ARGV[5])
+redis.call('HINCRBY', job, 'skipped', ARGV[12])
 redis.call('HINCRBY', job, 'batches_done', 1)
 for _, e in ipairs(cjson.decode(ARGV[8])) do redis.call('RPUSH', KEYS[3], cjson.encode(e)) end
 if redis.call('HGET', job, 'status') == 'queued' then
   redis.call('HSET', job, 'status', 'in_progress')
 end
 if not redis.call('HGET', job, 'started_at') then redis.call('HSET', job, 'started_at', ARGV[6]) end
-finalize(job, ARGV[6])
+finalize(job, ARGV[6], ARGV[10], ARGV[11], KEYS[6])
 for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[7]) end
 return 1
 """
 
-# KEYS: job ; ARGV: now, ttl
+# KEYS: job, ended ; ARGV: now, ttl, channel, id
 _SEAL = _FINALIZE + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'sealed', '1')
-finalize(KEYS[1], ARGV[1])
+finalize(KEYS[1], ARGV[1], ARGV[3], ARGV[4], KEYS[2])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return 1
 """
@@ -88,17 +104,21 @@ redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1])
 return 1
 """
 
-# KEYS: job ; ARGV: now, status, reason
-_END_EARLY = """
+# KEYS: job, ended ; ARGV: now, status, reason, channel, id
+_END_EARLY = _FINALIZE + """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return 0 end
 if st ~= 'queued' and st ~= 'in_progress' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[1])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'reason', ARGV[3]) end
+announce(KEYS[1], KEYS[2], ARGV[4], ARGV[5])
 return 1
 """
 
-_COUNTERS = ("total", "completed", "failed", "chunks", "tokens", "batches_total", "batches_done")
+#: Result batches read per round trip (16 questions each by default: ~1,000 lines, ~1 MB).
+RESULT_WINDOW = 64
+
+_COUNTERS = ("total", "completed", "failed", "skipped", "chunks", "tokens", "batches_total", "batches_done")
 
 
 @dataclass
@@ -107,11 +127,13 @@ class BatchOutcome:
 
     ``completed``/``failed`` count whole documents (or questions). Segments of a split
     document are reported in ``parts`` as ``(key, segments, ok)`` and counted by the
-    record once all of that document's segments are in.
+    record once all of that document's segments are in. ``skipped`` counts, among the
+    completed, documents left as stored because they were unchanged (no embedding).
     """
 
     completed: int = 0
     failed: int = 0
+    skipped: int = 0
     chunks: int = 0
     tokens: int = 0
     errors: list[ItemError] = field(default_factory=list)
@@ -129,6 +151,7 @@ class JobInfo:
     total: int = 0
     completed: int = 0
     failed: int = 0
+    skipped: int = 0  # of the completed: unchanged documents, not embedded again
     chunks: int = 0
     tokens: int = 0
     batches_total: int = 0
@@ -185,6 +208,26 @@ class JobRecord:
     def index_key(cls, prefix: str) -> str:
         return f"{prefix}:jobs"
 
+    @classmethod
+    def ended_key(cls, prefix: str) -> str:
+        """The list of ended jobs that have a webhook URL, oldest first, until their event is made."""
+        return f"{prefix}:jobs:ended"
+
+    @classmethod
+    def ended_ids(cls, client: redis.Redis, *, prefix: str, limit: int = 100) -> list[str]:
+        """Ids of ended jobs whose webhook event is not made yet (left in place: see :meth:`forget_ended`)."""
+        return [i.decode() if isinstance(i, bytes) else i for i in client.lrange(cls.ended_key(prefix), 0, limit - 1)]
+
+    @classmethod
+    def forget_ended(cls, pipe: redis.client.Pipeline, *, prefix: str, job_id: str) -> None:
+        """Drop a job from the ended list, in the caller's transaction that queues its event."""
+        pipe.lrem(cls.ended_key(prefix), 0, job_id)
+
+    @classmethod
+    def finished_channel(cls, prefix: str) -> str:
+        """The pub/sub channel on which the id of every job that reaches a final status is sent."""
+        return f"{prefix}:jobs:finished"
+
     # -- producer side -------------------------------------------------------------
     @classmethod
     def create(
@@ -196,18 +239,26 @@ class JobRecord:
         prefix: str = "ragq",
         ttl: int = 7 * 86400,
         job_id: str | None = None,
+        webhook_url: str | None = None,
     ) -> JobRecord:
+        """A new queued job; with ``webhook_url`` its end is announced there (:mod:`common.webhooks`)."""
         record = cls(client, job_id or uuid.uuid4().hex, prefix=prefix, ttl=ttl)
         now = time.time()
         fields = {"kind": kind.value, "status": JobStatus.queued.value, "created_at": now, "sealed": "0",
                   "meta": json.dumps(meta or {}, ensure_ascii=False)}
+        if kind in (JobKind.ingest, JobKind.delete):  # documents sent without a number / a delete's tombstone
+            fields["doc_seq"] = DocSequences(client, prefix).reserve(1).start
         fields.update({name: 0 for name in _COUNTERS})
+        if webhook_url:
+            fields["webhook_url"] = webhook_url
         if not client.hsetnx(record._key(), "kind", kind.value):
             raise ValueError(f"job id {record.id!r} already exists")
         pipe = client.pipeline()
         pipe.hset(record._key(), mapping=fields)
         pipe.expire(record._key(), ttl)
         pipe.zadd(cls.index_key(prefix), {record.id: now})
+        pipe.zremrangebyscore(cls.index_key(prefix), "-inf", now - ttl)  # their records have expired
+        pipe.expire(cls.index_key(prefix), ttl)
         pipe.execute()
         return record
 
@@ -224,6 +275,21 @@ class JobRecord:
             pipe.expire(self._key(":errors"), self.ttl)
         pipe.execute()
 
+    def add_seen(self, keys: Sequence[str]) -> None:
+        """Remember the document keys this (sync) ingest sent, for deleting the others after."""
+        if keys:
+            pipe = self.redis.pipeline()
+            pipe.sadd(self._key(":seen"), *keys)
+            pipe.expire(self._key(":seen"), self.ttl)
+            pipe.execute()
+
+    def seen(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` this ingest sent (see :meth:`add_seen`)."""
+        if not keys:
+            return set()
+        flags = self.redis.smismember(self._key(":seen"), list(keys))
+        return {key for key, flag in zip(keys, flags) if flag}
+
     def update_meta(self, **values: Any) -> None:
         meta = json.loads(self.redis.hget(self._key(), "meta") or "{}")
         meta.update(values)
@@ -231,23 +297,36 @@ class JobRecord:
 
     def seal(self) -> None:
         """The producer has enqueued everything: the job may now finish."""
-        self.redis.eval(_SEAL, 1, self._key(), time.time(), self.ttl)
+        self.redis.eval(_SEAL, 2, self._key(), self.ended_key(self.prefix), time.time(), self.ttl,
+                        self.finished_channel(self.prefix), self.id)
 
     def cancel(self) -> bool:
         """Mark the job cancelled; workers skip its remaining batches. False if already over."""
-        return bool(self.redis.eval(_END_EARLY, 1, self._key(), time.time(), JobStatus.cancelled.value, ""))
+        return self._end_early(JobStatus.cancelled, "")
 
     def fail(self, reason: str) -> bool:
-        return bool(self.redis.eval(_END_EARLY, 1, self._key(), time.time(), JobStatus.failed.value, reason))
+        return self._end_early(JobStatus.failed, reason)
+
+    def _end_early(self, status: JobStatus, reason: str) -> bool:
+        return bool(self.redis.eval(_END_EARLY, 2, self._key(), self.ended_key(self.prefix), time.time(),
+                                    status.value, reason,
+                                    self.finished_channel(self.prefix), self.id))
 
     # -- worker side ----------------------------------------------------------------
     def status(self) -> JobStatus:
-        value = self.redis.hget(self._key(), "status")
-        return JobStatus(value.decode() if isinstance(value, bytes) else value) if value else JobStatus.not_found
+        return _status(self.redis.hget(self._key(), "status"))
+
+    async def status_async(self, client: AsyncRedis) -> JobStatus:
+        """:meth:`status` read with an asyncio client, for a server that waits without a thread."""
+        return _status(await client.hget(self._key(), "status"))
 
     def mark_started(self) -> None:
         """queued -> in_progress when the first batch starts (a no-op afterwards)."""
         self.redis.eval(_START, 1, self._key(), time.time())
+
+    def doc_seq(self) -> int:
+        """The version number this job's documents take when their message has none."""
+        return int(self.redis.hget(self._key(), "doc_seq") or 0)
 
     def begin_attempt(self, batch: int) -> int:
         """Count one delivery of ``batch`` and return how many there have been.
@@ -264,6 +343,14 @@ class JobRecord:
         """Deliveries so far per batch (batches never started are absent)."""
         return {int(k): int(v) for k, v in self.redis.hgetall(self._key(":attempts")).items()}
 
+    def in_flight(self) -> int:
+        """Batches a worker has started and not recorded yet (one killed outright stays counted)."""
+        pipe = self.redis.pipeline()
+        pipe.hkeys(self._key(":attempts"))
+        pipe.smembers(self._key(":batches"))
+        started, done = pipe.execute()
+        return len({int(b) for b in started} - {int(b) for b in done})
+
     def batch_done(self, batch: int) -> bool:
         return bool(self.redis.sismember(self._key(":batches"), batch))
 
@@ -272,8 +359,9 @@ class JobRecord:
         errors = json.dumps([asdict(e) for e in outcome.errors], ensure_ascii=False)
         parts = json.dumps([[key, segments, 1 if ok else 0] for key, segments, ok in outcome.parts])
         result = self.redis.eval(
-            _FINISH_BATCH, 5, *self.keys, batch, outcome.completed, outcome.failed,
+            _FINISH_BATCH, 6, *self.keys, self.ended_key(self.prefix), batch, outcome.completed, outcome.failed,
             outcome.chunks, outcome.tokens, time.time(), self.ttl, errors, parts,
+            self.finished_channel(self.prefix), self.id, outcome.skipped,
         )
         return int(result) == 1
 
@@ -285,13 +373,26 @@ class JobRecord:
         pipe.expire(self.results_key, self.ttl)
         pipe.execute()
 
-    def iter_results(self) -> Iterator[dict[str, Any]]:
-        """Output lines of the batches finished so far, in input order."""
-        stored = self.redis.hgetall(self.results_key)
-        for batch in sorted(stored, key=lambda k: int(k)):
-            yield from json.loads(stored[batch])
+    def iter_results(self, *, window: int = RESULT_WINDOW) -> Iterator[dict[str, Any]]:
+        """Output lines of the batches finished so far, in input order.
+
+        Read ``window`` batches per round trip (HMGET of their indices, 0 to
+        ``batches_total``), so memory stays bounded however many questions the job has;
+        a batch not finished yet is skipped.
+        """
+        total = int(self.redis.hget(self._key(), "batches_total") or 0)
+        for start in range(0, total, max(1, window)):
+            fields = [str(batch) for batch in range(start, min(total, start + max(1, window)))]
+            for stored in self.redis.hmget(self.results_key, fields):
+                if stored is not None:
+                    yield from json.loads(stored)
 
     # -- reading -------------------------------------------------------------------------
+    def webhook_url(self) -> str | None:
+        """Where this job's end is announced (kept out of :class:`JobInfo`: a URL may carry a token)."""
+        value = self.redis.hget(self._key(), "webhook_url")
+        return value.decode() if isinstance(value, bytes) else value
+
     def info(self, *, max_errors: int = 1000) -> JobInfo:
         pipe = self.redis.pipeline()
         pipe.hgetall(self._key())
@@ -328,6 +429,10 @@ class JobRecord:
     def recent(cls, client: redis.Redis, *, prefix: str = "ragq", limit: int = 20) -> list[str]:
         ids = client.zrevrange(cls.index_key(prefix), 0, limit - 1)
         return [i.decode() if isinstance(i, bytes) else i for i in ids]
+
+
+def _status(value: str | bytes | None) -> JobStatus:
+    return JobStatus(value.decode() if isinstance(value, bytes) else value) if value else JobStatus.not_found
 
 
 def _float(value: str | None) -> float | None:

@@ -3,7 +3,8 @@
 Workers record cheaply: ``metrics.count(documents=3)`` and ``metrics.observe("embed", s)``
 (or a :class:`Lap`) only add to an in-process buffer; after each task one pipelined
 round trip adds the buffer to the worker's Redis hash (``task_postrun``, wired by
-:func:`install_worker_hooks`). The exporter process reads those hashes plus the queue
+``workers/metrics_hooks.py``; the device a worker reports comes from
+``common/devices.py``). The exporter process reads those hashes plus the queue
 lengths on every scrape.
 
 Why Redis rather than prometheus_client's multiprocess mode: that mode needs every
@@ -21,9 +22,6 @@ names), ``{prefix}:metrics:worker:{name}`` (counters and histogram buckets) and
 from __future__ import annotations
 
 import bisect
-import os
-import socket
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -31,10 +29,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from common import priorities
+
 if TYPE_CHECKING:
     import redis
-
-    from common.config import Settings
 
 #: Per-batch stage latencies that workers observe (one observation per stage per task).
 STAGES = ("tokenize", "embed", "upsert", "search", "generate")
@@ -51,9 +49,6 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "questions_failed": ("ragq_questions_failed_total", "Questions that failed (per-item errors)."),
     "store_retries": ("ragq_store_retries_total", "Batches retried inside their task after a vector store failure."),
 }
-
-_TASK_STATES = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried"}
-
 
 # --------------------------------------------------------------------------- recording
 class _Buffer:
@@ -72,6 +67,11 @@ class _Buffer:
 
 
 _pending = _Buffer()
+
+
+def take_pending() -> tuple[Counter[str], dict[str, list[float]]]:
+    """What was recorded since the last call, for the flush after each task."""
+    return _pending.take()
 
 
 def count(**values: int) -> None:
@@ -240,12 +240,9 @@ class MetricsStore:
                 continue  # expired
             workers[name] = _parse_worker(name, counters, info)
         wanted = list(dict.fromkeys([*queues, *(q for w in workers.values() for q in w.queues)]))
-        pipe = self.redis.pipeline(transaction=False)
-        for queue in wanted:
-            pipe.llen(queue)
-        pipe.hlen(self.UNACKED_KEY)
-        *depths, unacked = pipe.execute()
-        return Snapshot(time.time(), dict(zip(wanted, map(int, depths))), int(unacked), workers)
+        depths = priorities.queue_depths(self.redis, wanted)  # every priority's list
+        unacked = self.redis.hlen(self.UNACKED_KEY)
+        return Snapshot(time.time(), depths, int(unacked), workers)
 
 
 def _text(value: Any) -> str:
@@ -272,96 +269,6 @@ def _parse_worker(name: str, counters: Mapping[Any, Any], info: Mapping[Any, Any
             elif slot.isdigit() and int(slot) < len(hist.buckets):
                 hist.buckets[int(slot)] = int(value)
     return worker
-
-
-# --------------------------------------------------------------------------- Celery wiring
-def device_info(settings: Settings) -> dict[str, str]:
-    """This process's device, as far as it is known without importing torch.
-
-    Once torch has put a model on a GPU (the pool process after warm-up), the CUDA
-    device, its name and its memory (peak allocated, reserved) are reported instead.
-    """
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    info = {"gpu": visible or ""}
-    if settings.device != "auto":
-        info["device"] = settings.device
-    elif visible == "":
-        info["device"] = "cpu"
-    torch = sys.modules.get("torch")
-    try:
-        if torch is not None and torch.cuda.is_initialized():
-            index = torch.cuda.current_device()
-            info.update(device=f"cuda:{index}", gpu_name=torch.cuda.get_device_name(index),
-                        gpu_memory_peak_bytes=str(torch.cuda.max_memory_allocated(index)),
-                        gpu_memory_reserved_bytes=str(torch.cuda.memory_reserved(index)))
-        elif torch is not None and "device" not in info and not torch.cuda.is_available():
-            info["device"] = "cpu"
-    except Exception:  # metrics never break a task
-        pass
-    return info
-
-
-class _WorkerHooks:
-    """Celery signal receivers that flush the buffer after each task (one per process)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._store: MetricsStore | None = None
-        self._pid = 0
-
-    def store(self) -> MetricsStore:
-        if self._store is None or self._pid != os.getpid():  # a fresh client after fork
-            from common.runtime import redis_client
-
-            self._store = MetricsStore(redis_client(self.settings), prefix=self.settings.key_prefix,
-                                       ttl=self.settings.job_ttl_s)
-            self._pid = os.getpid()
-        return self._store
-
-    def on_ready(self, sender: Any = None, **_: Any) -> None:
-        try:
-            queues = ",".join(sorted(sender.app.amqp.queues.consume_from or {}))
-            pool = type(sender.pool).__module__.rsplit(".", 1)[-1] if getattr(sender, "pool", None) else ""
-            info = {**device_info(self.settings), "host": socket.gethostname(), "queues": queues,
-                    "pool": pool, "pid": os.getpid(), "state": "online", "started_at": repr(time.time())}
-            self.store().flush(sender.hostname, info=info)
-        except Exception:
-            pass
-
-    def on_postrun(self, task: Any = None, state: str | None = None, **_: Any) -> None:
-        try:
-            request = task.request
-            worker = request.hostname or socket.gethostname()
-            queue = (request.delivery_info or {}).get("routing_key") or "unknown"
-            counters, stages = _pending.take()
-            tasks = {(queue, _TASK_STATES.get(state or "", (state or "unknown").lower())): 1}
-            self.store().flush(worker, counters, stages, tasks, info=device_info(self.settings))
-        except Exception:
-            pass
-
-    def on_shutdown(self, sender: Any = None, **_: Any) -> None:
-        """``sender`` is the WorkController (main process), which has ``hostname`` too."""
-        try:
-            self.store().flush(sender.hostname, info={"state": "offline", "stopped_at": repr(time.time())})
-        except Exception:
-            pass
-
-
-_installed = False
-
-
-def install_worker_hooks(settings: Settings) -> None:
-    """Flush metrics after every task and register the worker at start; call once per worker."""
-    global _installed
-    if _installed:
-        return
-    from celery import signals
-
-    hooks = _WorkerHooks(settings)
-    signals.worker_ready.connect(hooks.on_ready, weak=False)
-    signals.task_postrun.connect(hooks.on_postrun, weak=False)
-    signals.worker_shutdown.connect(hooks.on_shutdown, weak=False)
-    _installed = True
 
 
 # --------------------------------------------------------------------------- reading side

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,38 @@ MAX_QUESTION_CHARS = 8000
 MAX_LINE_BYTES = 64 * 1024
 
 
+class LineRefused(ValueError):
+    """Raised by a line adapter (see :meth:`QuestionReader.read_lines`): the line keeps its place as an error."""
+
+    def __init__(self, reason: str, custom_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.custom_id = custom_id
+
+
+#: Turns one parsed JSONL value of another format (a Batch API request) into a question object.
+LineAdapter = Callable[[Any], Any]
+
+
+class LineItem:
+    """What every kind of input line has: a place (``item``), a ``custom_id`` and maybe an ``error``."""
+
+    item: str
+    custom_id: str
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def label(self) -> str:
+        """How the item is named in job errors: its line and, if it has one, its custom_id."""
+        default = self.item.endswith((f":{self.custom_id}", f"[{self.custom_id}]"))
+        return self.item if default or not self.custom_id else f"{self.item} (custom_id {self.custom_id})"
+
+
 @dataclass
-class QuestionItem:
+class QuestionItem(LineItem):
     """One input line as it travels to a worker (or, with ``error``, why it can't).
 
     ``index`` is the 0-based position among the job's inputs (output order); ``item`` names
@@ -59,16 +89,6 @@ class QuestionItem:
     filter: dict[str, Any] | None = None
     max_tokens: int | None = None
     error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def label(self) -> str:
-        """How the item is named in job errors: its line and, if it has one, its custom_id."""
-        default = self.item.endswith((f":{self.custom_id}", f"[{self.custom_id}]"))
-        return self.item if default or not self.custom_id else f"{self.item} (custom_id {self.custom_id})"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +169,14 @@ def rejected_line(item: QuestionItem) -> dict[str, Any]:
     return answer_line(item, answer=None, sources=[], model=None, error=f"{item.item}: {item.error}")
 
 
+def was_refused(line: Mapping[str, Any]) -> bool:
+    """Whether an output line is a :func:`rejected_line` (refused input) rather than a failed answer.
+
+    Workers always name the model and time the retrieval of a question they took.
+    """
+    return bool(line.get("error")) and line.get("model") is None and not line.get("timings")
+
+
 class QuestionReader:
     """Streams question items from files or objects; never holds the whole list."""
 
@@ -178,27 +206,26 @@ class QuestionReader:
         with handle:
             yield from self.read_lines(handle, name=name, jsonl=jsonl)
 
-    def read_lines(self, lines: Iterable[bytes | str], *, name: str, jsonl: bool) -> Iterator[QuestionItem]:
-        for lineno, raw in enumerate(lines, start=1):
-            where = f"{name}:{lineno}"
-            if isinstance(raw, bytes):
-                if len(raw) > MAX_LINE_BYTES:
-                    yield self._reject(where, str(lineno), f"line is {len(raw)} bytes, over the {MAX_LINE_BYTES}-byte limit")
-                    continue
-                try:
-                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as exc:
-                    yield self._reject(where, str(lineno), f"not valid UTF-8 (byte {exc.start})")
-                    continue
-            else:
-                text = raw.lstrip("\ufeff") if lineno == 1 else raw
-            text = text.strip()
-            if not text:
+    def read_lines(self, lines: Iterable[bytes | str], *, name: str, jsonl: bool,
+                   adapt: LineAdapter | None = None) -> Iterator[QuestionItem]:
+        """Items of JSONL or text lines; ``adapt`` maps each parsed JSONL value of another
+        format to a question object first (raising :class:`LineRefused` for a bad one)."""
+        if not jsonl:
+            for where, lineno, text, problem in decoded_lines(lines, name=name):
+                yield (self._reject(where, str(lineno), problem) if problem
+                       else self.from_object({"question": text}, where=where, default_id=str(lineno)))
+            return
+        for where, lineno, obj, problem in json_lines(lines, name=name):
+            if problem:
+                yield self._reject(where, str(lineno), problem)
                 continue
-            if jsonl:
-                yield self._from_json_text(text, where, default_id=str(lineno))
-            else:
-                yield self.from_object({"question": text}, where=where, default_id=str(lineno))
+            if adapt is not None:
+                try:
+                    obj = adapt(obj)
+                except LineRefused as exc:
+                    yield self._reject(where, exc.custom_id or str(lineno), str(exc))
+                    continue
+            yield self.from_object(obj, where=where, default_id=str(lineno))
 
     def read_objects(self, objects: Iterable[str | Mapping[str, Any]], *, name: str = "question") -> Iterator[QuestionItem]:
         """Items from Python values: strings are questions, mappings are JSONL-style objects.
@@ -212,15 +239,6 @@ class QuestionReader:
             yield self.from_object(obj, where=where, default_id=str(n))
 
     # -- validation ------------------------------------------------------------------------
-    def _from_json_text(self, text: str, where: str, default_id: str) -> QuestionItem:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            return self._reject(where, default_id, f"malformed JSON: {exc.msg} at column {exc.colno}")
-        except RecursionError:
-            return self._reject(where, default_id, "malformed JSON: nested too deeply")
-        return self.from_object(obj, where=where, default_id=default_id)
-
     def from_object(self, obj: Any, *, where: str, default_id: str) -> QuestionItem:
         """Validate one JSONL-style object; any problem becomes the item's ``error``."""
         if not isinstance(obj, Mapping):
@@ -287,6 +305,42 @@ class QuestionReader:
         item.index = self._index
         self._index += 1
         return item
+
+
+def decoded_lines(lines: Iterable[bytes | str], *, name: str,
+                  max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, int, str, str | None]]:
+    """``(where, lineno, text, problem)`` of each non-blank line: too long or not UTF-8 is a problem."""
+    for lineno, raw in enumerate(lines, start=1):
+        where = f"{name}:{lineno}"
+        if isinstance(raw, bytes):
+            if len(raw) > max_line_bytes:
+                yield where, lineno, "", f"line is {len(raw)} bytes, over the {max_line_bytes}-byte limit"
+                continue
+            try:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, lineno, "", f"not valid UTF-8 (byte {exc.start})"
+                continue
+        else:
+            text = raw.lstrip("\ufeff") if lineno == 1 else raw
+        text = text.strip()
+        if text:
+            yield where, lineno, text, None
+
+
+def json_lines(lines: Iterable[bytes | str], *, name: str,
+               max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, int, Any, str | None]]:
+    """``(where, lineno, value, problem)`` of each non-blank JSONL line; malformed JSON is a problem."""
+    for where, lineno, text, problem in decoded_lines(lines, name=name, max_line_bytes=max_line_bytes):
+        if problem:
+            yield where, lineno, None, problem
+            continue
+        try:
+            yield where, lineno, json.loads(text), None
+        except json.JSONDecodeError as exc:
+            yield where, lineno, None, f"malformed JSON: {exc.msg} at column {exc.colno}"
+        except RecursionError:
+            yield where, lineno, None, "malformed JSON: nested too deeply"
 
 
 def check_filter(value: Any) -> str | None:

@@ -28,11 +28,15 @@ from typing import Any
 import numpy as np
 import redis
 
+from common.interrupts import interrupts
+from common.sparse import SparseVector
 from common.vectorstore import (
     CollectionInfo,
+    Keep,
     SearchHit,
     Store,
     StoredChunk,
+    StoredVersion,
     StoreError,
     StoreMismatchError,
 )
@@ -73,8 +77,10 @@ class RemoteStore:
 
     # --- the Store interface ------------------------------------------------------
 
-    def ensure_collection(self, dimension: int, model: str) -> None:
-        self._call("ensure_collection", {"dimension": dimension, "model": model})
+    def ensure_collection(self, dimension: int, model: str, *, query_prefix: str = "",
+                          document_prefix: str = "") -> None:
+        self._call("ensure_collection", {"dimension": dimension, "model": model,
+                                         "query_prefix": query_prefix, "document_prefix": document_prefix})
 
     def upsert(self, chunks: Sequence[StoredChunk]) -> None:
         if not chunks:
@@ -83,22 +89,37 @@ class RemoteStore:
             "ids": [c.id for c in chunks],
             "payloads": [c.payload for c in chunks],
             "vectors": encode_vectors(np.stack([np.asarray(c.vector, dtype=np.float32) for c in chunks])),
+            "sparse": [c.sparse.to_dict() if c.sparse is not None else None for c in chunks],
         })
 
-    def delete_stale(self, doc_key: str, keep_version: str) -> int:
-        return self.delete_stale_many({doc_key: keep_version})
+    def delete_older(self, doc_key: str, seq: int, version: str | None = None) -> int:
+        return self.delete_older_many({doc_key: (seq, version)})
 
-    def delete_stale_many(self, keep: Mapping[str, str]) -> int:
-        return int(self._call("delete_stale_many", {"keep": dict(keep)})) if keep else 0
+    def delete_older_many(self, keep: Mapping[str, Keep]) -> int:
+        keep = {key: [int(seq), version] for key, (seq, version) in keep.items()}
+        return int(self._call("delete_older_many", {"keep": keep})) if keep else 0
+
+    def stored_versions(self, filter: Mapping[str, Any]) -> dict[str, StoredVersion]:
+        rows = self._call("stored_versions", {"filter": dict(filter)})
+        return {key: StoredVersion.from_dict(row) for key, row in rows.items()}
+
+    def relabel(self, moves: Mapping[str, tuple[int, int]]) -> int:
+        moves = {key: [int(old), int(new)] for key, (old, new) in moves.items()}
+        return int(self._call("relabel", {"moves": moves})) if moves else 0
+
+    def delete_where(self, filter: Mapping[str, Any]) -> dict[str, int]:
+        return {key: int(n) for key, n in self._call("delete_where", {"filter": dict(filter)}).items()}
 
     def count(self, filter: Mapping[str, Any] | None = None) -> int:
         return int(self._call("count", {"filter": dict(filter) if filter else None}))
 
     def search(self, vectors: np.ndarray, top_k: int, filter: Mapping[str, Any] | None = None,
-               distinct_docs: bool = True) -> list[list[SearchHit]]:
+               distinct_docs: bool = True,
+               sparse: Sequence[SparseVector] | None = None) -> list[list[SearchHit]]:
         rows = self._call("search", {"vectors": encode_vectors(np.asarray(vectors)), "top_k": top_k,
                                      "filter": dict(filter) if filter else None,
-                                     "distinct_docs": distinct_docs})
+                                     "distinct_docs": distinct_docs,
+                                     "sparse": [t.to_dict() for t in sparse] if sparse is not None else None})
         return [[SearchHit(h["id"], float(h["score"]), h["payload"]) for h in row] for row in rows]
 
     def scroll_payloads(self, filter: Mapping[str, Any] | None = None, limit: int = 10_000) -> list[dict[str, Any]]:
@@ -107,12 +128,19 @@ class RemoteStore:
     def info(self) -> CollectionInfo:
         return CollectionInfo(**self._call("info", {}))
 
+    def optimize(self, timeout_s: float = 1500.0) -> bool:
+        """Build the owner's index; waits longer than other calls (tens of minutes per million points
+        on two cores), yet under the 1800 s soft limit of the task that waits."""
+        return bool(self._call("optimize", {}, timeout_s=timeout_s))
+
     def close(self) -> None:
         """Nothing to release: the owner keeps the store open."""
 
     # --- the wire -----------------------------------------------------------------
 
-    def _call(self, method: str, request: dict[str, Any]) -> Any:
+    def _call(self, method: str, request: dict[str, Any], timeout_s: float | None = None) -> Any:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        request = {**request, "collection": self.name}  # the owner may hold several (a re-index)
         body = json.dumps(request, ensure_ascii=False, allow_nan=False)
         staged = None
         if len(body) > INLINE_LIMIT:
@@ -122,14 +150,16 @@ class RemoteStore:
                 self.redis.set(staged, body, ex=int(self.timeout_s) + 60)
             except redis.RedisError as exc:
                 raise StoreError(f"could not stage a {method} request in Redis: {exc}") from exc
-            request = {"staged": staged}
+            request = {"staged": staged, "collection": self.name}
         try:
-            reply = self.transport(method, request, self.timeout_s)
+            reply = self.transport(method, request, timeout_s)
         except TimeoutError as exc:
             raise StoreError(
-                f"no answer to {method} from the embedded store's owner within {self.timeout_s:.0f}s: "
+                f"no answer to {method} from the embedded store's owner within {timeout_s:.0f}s: "
                 f"is a worker consuming queue {self.queue!r} running? (`ragq worker` starts one)"
             ) from exc
+        except interrupts():  # the task's soft time limit, landing while it waits for the owner
+            raise
         except Exception as exc:  # the broker or result backend failed; worth retrying like a store
             raise StoreError(f"{method} request to the store owner failed: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -185,23 +215,37 @@ def unwrap(reply: Mapping[str, Any]) -> Any:
 
 def _dispatch(store: Store, method: str, req: Mapping[str, Any]) -> Any:
     if method == "ensure_collection":
-        return store.ensure_collection(int(req["dimension"]), str(req["model"]))
+        return store.ensure_collection(int(req["dimension"]), str(req["model"]),
+                                       query_prefix=str(req.get("query_prefix", "")),
+                                       document_prefix=str(req.get("document_prefix", "")))
     if method == "upsert":
         vectors = decode_vectors(req["vectors"])
-        if len(vectors) != len(req["ids"]) or len(vectors) != len(req["payloads"]):
-            raise ValueError("upsert: ids, payloads and vectors differ in length")
-        store.upsert([StoredChunk(i, v, p) for i, v, p in zip(req["ids"], vectors, req["payloads"])])
+        sparse = req.get("sparse") or [None] * len(vectors)
+        if not len(vectors) == len(req["ids"]) == len(req["payloads"]) == len(sparse):
+            raise ValueError("upsert: ids, payloads, vectors and sparse vectors differ in length")
+        store.upsert([StoredChunk(i, v, p, SparseVector.from_dict(t) if t else None)
+                      for i, v, p, t in zip(req["ids"], vectors, req["payloads"], sparse)])
         return None
-    if method == "delete_stale_many":
-        return store.delete_stale_many(req["keep"])
+    if method == "delete_older_many":
+        return store.delete_older_many({key: (int(seq), version) for key, (seq, version) in req["keep"].items()})
+    if method == "stored_versions":
+        return {key: v.to_dict() for key, v in store.stored_versions(req["filter"]).items()}
+    if method == "relabel":
+        return store.relabel({key: (int(old), int(new)) for key, (old, new) in req["moves"].items()})
+    if method == "delete_where":
+        return store.delete_where(req["filter"])
     if method == "count":
         return store.count(req.get("filter"))
     if method == "search":
+        sparse = req.get("sparse")
         rows = store.search(decode_vectors(req["vectors"]), int(req["top_k"]), req.get("filter"),
-                            bool(req.get("distinct_docs", True)))
+                            bool(req.get("distinct_docs", True)),
+                            [SparseVector.from_dict(t) for t in sparse] if sparse is not None else None)
         return [[{"id": h.id, "score": h.score, "payload": h.payload} for h in row] for row in rows]
     if method == "scroll_payloads":
         return store.scroll_payloads(req.get("filter"), int(req.get("limit", 10_000)))
     if method == "info":
         return dict(store.info().__dict__)
+    if method == "optimize":
+        return store.optimize()
     raise ValueError(f"unknown store method {method!r}")

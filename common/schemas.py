@@ -44,6 +44,9 @@ TERMINAL_STATUSES = frozenset(
 class JobKind(str, Enum):
     ingest = "ingest"
     questions = "questions"
+    embeddings = "embeddings"  # a Batch API batch of /v1/embeddings lines
+    delete = "delete"
+    reindex = "reindex"
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,12 @@ class DocumentItem:
     """One document (or one segment of a very large one) as it travels to a worker.
 
     ``key`` identifies the document across re-ingests (its ``id`` field, else its url,
-    else its path); ``version`` is a hash of what gets stored, so a changed document
-    replaces its old chunks and an unchanged one rewrites the same points.
+    else its path); ``version`` is a hash of what gets stored; ``seq`` says which of two
+    versions is newer (:mod:`common.docseq`: the higher, given as its batch was sent),
+    so a late delivery of an older version never replaces a newer one. 0 = not numbered
+    (a hand-made message): the worker gives it its job's number. ``source`` names where it
+    came from (a directory root or ``--source NAME``), so ``ragq ingest --sync`` can delete
+    the source's documents that are gone.
     """
 
     key: str
@@ -73,6 +80,8 @@ class DocumentItem:
     version: str = ""
     segment: int = 0
     segments: int = 1
+    seq: int = 0
+    source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,9 +96,15 @@ class DocumentItem:
         return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def point_id(doc_key: str, segment: int, chunk_index: int) -> str:
-    """The deterministic id of one chunk: re-ingesting a document overwrites its points."""
-    return str(uuid.uuid5(POINT_NAMESPACE, f"{doc_key}\x1f{segment}\x1f{chunk_index}"))
+def point_id(doc_key: str, segment: int, chunk_index: int, seq: int = 0) -> str:
+    """The deterministic id of one chunk of one numbered version of a document.
+
+    A second delivery of the same version rewrites the same points; two versions never
+    share a point, so an older one written late cannot overwrite a newer one (pruning
+    then deletes whichever is older). ``seq`` 0 gives the ids of unnumbered versions.
+    """
+    name = f"{doc_key}\x1f{segment}\x1f{chunk_index}" + (f"\x1f{seq}" if seq else "")
+    return str(uuid.uuid5(POINT_NAMESPACE, name))
 
 
 @dataclass

@@ -1,19 +1,21 @@
 """The vector store behind ingest and question workers, with two interchangeable backends.
 
-* :class:`EdgeStore` runs Qdrant's engine in-process (``qdrant-edge-py``) on a shard
-  under ``settings.store_dir / settings.collection``: no server to run, much faster than
-  qdrant-client's local mode, but only one process may open the shard at a time.
-* :class:`QdrantStore` talks to a Qdrant server through ``qdrant-client`` (or uses the
-  client's own local mode for ``path:`` URLs, which is how the server code path is tested).
+* :class:`~common.store_edge.EdgeStore` runs Qdrant's engine in-process (``qdrant-edge-py``)
+  on a shard under ``settings.store_dir / settings.collection``: no server to run, much
+  faster than qdrant-client's local mode, but only one process may open the shard at a time.
+* :class:`~common.store_qdrant.QdrantStore` talks to a Qdrant server through
+  ``qdrant-client`` (or uses the client's own local mode for ``path:`` URLs, which is how
+  the server code path is tested).
 
 Both share the logic that must not drift apart (model checks, filters, grouping by
-document) in :class:`VectorStore`; the backends only translate single operations.
+document, hybrid fusion's parameters) in :class:`VectorStore`, here; the backends only
+translate single operations. Each point holds a dense vector and, for hybrid retrieval,
+a BM25 sparse vector (:mod:`common.sparse`) that queries fuse with the dense ranking by
+reciprocal rank in Qdrant's own query API.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -23,18 +25,19 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import numpy as np
-import qdrant_edge as qe
-from qdrant_client import QdrantClient
-from qdrant_client import models as qm
 
 from common.config import Settings, mask_url
+from common.interrupts import interrupts
+from common.sparse import SparseVector
 
 __all__ = [
     "CollectionInfo",
+    "Keep",
     "EdgeStore",
     "QdrantStore",
     "SearchHit",
     "Store",
+    "StoredVersion",
     "StoreError",
     "StoreMismatchError",
     "StoredChunk",
@@ -43,7 +46,7 @@ __all__ = [
 ]
 
 #: Payload fields that filters and stale-deletes select on; indexed where the backend can.
-INDEXED_FIELDS = ("doc_key", "product")
+INDEXED_FIELDS = ("doc_key", "product", "source")
 #: distinct_docs over-fetches top_k * this many chunks first, then grows 4x per round ...
 _OVERFETCH = 8
 #: ... but never past this many chunks per query (a few huge documents then yield < top_k).
@@ -52,13 +55,48 @@ _UPSERT_BATCH = 512
 #: Documents per stale-chunk lookup filter (one any-of condition on doc_key).
 _KEYS_PER_LOOKUP = 1024
 _ALL = 2**62  # a scroll limit that means "every match"
+#: What pruning keeps of one document: its (doc_seq, doc_version); version None = any.
+Keep = tuple[int, "str | None"]
+#: Reciprocal-rank fusion's k: a hit at rank r adds 1 / (k + r); 60 is the usual choice.
+RRF_K = 60
+#: Payload fields that say how a collection's vectors were made; all must match to share it.
+SPEC_FIELDS = ("model", "query_prefix", "document_prefix")
+#: SPEC_FIELDS and what else it takes to embed more points alike (a switched alias, a re-index).
+RECIPE_FIELDS = (*SPEC_FIELDS, "embed_model", "chunk_tokens", "chunk_overlap")
 
 
 @dataclass(frozen=True)
 class StoredChunk:
     id: str  # a UUID string (deterministic, computed by the caller)
     vector: np.ndarray  # float32, shape (dim,)
-    payload: dict[str, Any]  # doc_key, doc_version, segment, chunk_index, model, text, ...
+    payload: dict[str, Any]  # doc_key, doc_version, doc_seq, segment, chunk_index, model, text, ...
+    sparse: SparseVector | None = None  # BM25 terms of the same text, for hybrid retrieval
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """What the store holds of one document, for skipping unchanged re-ingests.
+
+    ``content_hash`` is None when its points disagree (two versions mid-prune, or points
+    written before hashes were recorded): such a document is re-embedded, never skipped.
+    """
+
+    content_hash: str | None
+    doc_seq: int
+    segments: tuple[int, ...]
+    points: tuple[int, ...] = ()  # points of each of ``segments``
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"content_hash": self.content_hash, "doc_seq": self.doc_seq, "segments": list(self.segments),
+                "points": list(self.points)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StoredVersion:
+        return cls(data["content_hash"], int(data["doc_seq"]), tuple(int(s) for s in data["segments"]),
+                   tuple(int(n) for n in data.get("points", ())))
+
+    def points_of(self, segment: int) -> int:
+        return dict(zip(self.segments, self.points)).get(segment, 0)
 
 
 @dataclass(frozen=True)
@@ -77,6 +115,13 @@ class CollectionInfo:
     model: str | None  # payload["model"] of a stored point, None if empty
     backend: str  # "embedded" | "qdrant"
     location: str  # path or URL with no secrets
+    query_prefix: str | None = None  # as recorded with the stored points (None if empty)
+    document_prefix: str | None = None
+    hybrid: bool = False  # whether the collection holds BM25 sparse vectors
+    # how to make more vectors like the stored ones (RAGQ_EMBED_MODEL, chunk window), None if unknown
+    embed_model: str | None = None
+    chunk_tokens: int | None = None
+    chunk_overlap: int | None = None
 
 
 class StoreError(RuntimeError):
@@ -132,15 +177,21 @@ class Store(Protocol):
     name: str
     location: str
 
-    def ensure_collection(self, dimension: int, model: str) -> None: ...
+    def ensure_collection(self, dimension: int, model: str, *, query_prefix: str = "",
+                          document_prefix: str = "") -> None: ...
     def upsert(self, chunks: Sequence[StoredChunk]) -> None: ...
-    def delete_stale(self, doc_key: str, keep_version: str) -> int: ...
-    def delete_stale_many(self, keep: Mapping[str, str]) -> int: ...
+    def delete_older(self, doc_key: str, seq: int, version: str | None = None) -> int: ...
+    def delete_older_many(self, keep: Mapping[str, Keep]) -> int: ...
+    def stored_versions(self, filter: Mapping[str, Any]) -> dict[str, StoredVersion]: ...
+    def relabel(self, moves: Mapping[str, tuple[int, int]]) -> int: ...
+    def delete_where(self, filter: Mapping[str, Any]) -> dict[str, int]: ...
     def count(self, filter: Mapping[str, Any] | None = None) -> int: ...
     def search(self, vectors: np.ndarray, top_k: int, filter: Mapping[str, Any] | None = None,
-               distinct_docs: bool = True) -> list[list[SearchHit]]: ...
+               distinct_docs: bool = True,
+               sparse: Sequence[SparseVector] | None = None) -> list[list[SearchHit]]: ...
     def scroll_payloads(self, filter: Mapping[str, Any] | None = None, limit: int = 10_000) -> list[dict[str, Any]]: ...
     def info(self) -> CollectionInfo: ...
+    def optimize(self) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -150,6 +201,8 @@ class VectorStore(ABC):
     backend: str
     name: str
     location: str
+    #: Chunks per _upsert call (a backend that batches its own writes takes them all at once).
+    _write_batch: int = _UPSERT_BATCH
 
     def __init__(self) -> None:
         self._ready: tuple[int, str] | None = None  # last (dimension, model) that passed checks
@@ -158,13 +211,16 @@ class VectorStore(ABC):
 
     # --- public interface ---------------------------------------------------------
 
-    def ensure_collection(self, dimension: int, model: str) -> None:
+    def ensure_collection(self, dimension: int, model: str, *, query_prefix: str = "",
+                          document_prefix: str = "") -> None:
         """Create the collection on first use, or prove the existing one fits `model`.
 
-        Mixing models or dimensions in one collection would silently return nonsense
-        neighbours, so an incompatible collection is refused with StoreMismatchError.
+        Mixing models, dimensions or prefixes in one collection would silently return
+        nonsense neighbours, so an incompatible collection is refused with
+        StoreMismatchError. New collections get a BM25 sparse vector beside the dense one.
         """
-        if self._ready == (dimension, model):
+        spec = {"model": model, "query_prefix": query_prefix, "document_prefix": document_prefix}
+        if self._ready == (dimension, tuple(spec.values())):
             return
         config = self._vector_config()
         if config is None:
@@ -176,54 +232,141 @@ class VectorStore(ABC):
         have_dim, distance = config
         if have_dim != dimension or distance != "cosine":
             self._mismatch(f"dimension {have_dim} ({distance})", f"dimension {dimension} (cosine)")
-        stored = self._stored_model()
-        if stored is not None and stored != model:
-            self._mismatch(f"model {stored!r}", f"model {model!r}")
+        self.check_spec(spec)
         with self._wrap("create payload indexes"):
             self._ensure_indexes()
         self._exists_cached = True
-        self._ready = (dimension, model)
+        self._ready = (dimension, tuple(spec.values()))
+
+    def check_spec(self, spec: Mapping[str, str]) -> None:
+        """Raise StoreMismatchError if stored points were made another way than `spec` says.
+
+        Points written before prefixes were recorded count as made without prefixes.
+        """
+        stored = self._stored_spec()
+        differs = spec_difference(stored, spec) if stored is not None else None
+        if differs is not None:
+            field, have, want = differs
+            self._mismatch(f"{field} {have!r}", f"{field} {want!r}")
 
     def upsert(self, chunks: Sequence[StoredChunk]) -> None:
         """Write chunks (same id = overwrite), creating the collection if needed."""
         if not chunks:
             return
         dimension = int(np.asarray(chunks[0].vector).shape[-1])
-        models = {c.payload.get("model") for c in chunks}
-        if len(models) != 1 or not isinstance(next(iter(models)), str):
-            raise ValueError(f"chunks of one upsert need one payload['model'], got {models}")
+        specs = {tuple(str(c.payload.get(f, "")) for f in SPEC_FIELDS) for c in chunks}
+        if len(specs) != 1 or not isinstance(chunks[0].payload.get("model"), str):
+            raise ValueError(f"chunks of one upsert need one payload['model'] and prefixes, got {specs}")
         for c in chunks:
             if np.asarray(c.vector).shape != (dimension,):
                 raise ValueError(f"chunk {c.id}: vector shape {np.shape(c.vector)} != ({dimension},)")
-        self.ensure_collection(dimension, models.pop())
-        for start in range(0, len(chunks), _UPSERT_BATCH):
+        model, query_prefix, document_prefix = specs.pop()
+        self.ensure_collection(dimension, model, query_prefix=query_prefix, document_prefix=document_prefix)
+        if any(c.sparse is not None for c in chunks) and not self._has_sparse():
+            chunks = [StoredChunk(c.id, c.vector, c.payload) for c in chunks]  # a dense-only collection
+        for start in range(0, len(chunks), self._write_batch):
             with self._wrap("upsert"):
-                self._upsert(chunks[start : start + _UPSERT_BATCH])
+                self._upsert(chunks[start : start + self._write_batch])
 
-    def delete_stale(self, doc_key: str, keep_version: str) -> int:
-        """Delete points of doc_key left over from a version other than keep_version."""
-        return self.delete_stale_many({doc_key: keep_version})
+    def delete_older(self, doc_key: str, seq: int, version: str | None = None) -> int:
+        """Delete points of doc_key older than version (seq, version); see delete_older_many."""
+        return self.delete_older_many({doc_key: (seq, version)})
 
-    def delete_stale_many(self, keep: Mapping[str, str]) -> int:
-        """For every doc_key in `keep`, delete its points of any other version than keep[doc_key].
+    def delete_older_many(self, keep: Mapping[str, Keep]) -> int:
+        """For every doc_key in `keep` = {doc_key: (seq, version)}, delete its points that
+        are older: a lower ``doc_seq`` (points stored before sequences count as 0), or the
+        same one with another ``doc_version`` (unless version is None). A newer version's
+        points are never touched, so a late or concurrent older batch cannot remove them.
 
-        One lookup (ids and versions of the batch's documents) and one delete by id per
-        ~thousand documents, not a count and a delete per document: each call is a round
-        trip to a Qdrant server, or to the process that owns the embedded store.
+        One lookup and one delete by id per ~thousand documents, not a count and a delete
+        per document: each call is a round trip to a Qdrant server, or to the process that
+        owns the embedded store. A server backend deletes by filter instead (no ids travel).
         """
         if not keep or not self._exists():
             return 0
+        return self._delete_older(keep)
+
+    def _delete_older(self, keep: Mapping[str, Keep]) -> int:
+        """delete_older_many's work: find the stale points' ids, then delete them by id."""
         keys = list(keep)
         stale: list[str] = []
         for start in range(0, len(keys), _KEYS_PER_LOOKUP):
             where = _Where(must=(("doc_key", keys[start : start + _KEYS_PER_LOOKUP]),))
             with self._wrap("find stale chunks"):
-                rows = self._scroll(where, _ALL, fields=["doc_key", "doc_version"])
-            stale.extend(r["id"] for r in rows if r.get("doc_version") != keep.get(r.get("doc_key")))
+                rows = self._scroll(where, _ALL, fields=["doc_key", "doc_seq", "doc_version"])
+            stale.extend(r["id"] for r in rows if _older(r, *keep[r["doc_key"]]))
         for start in range(0, len(stale), _UPSERT_BATCH):
             with self._wrap("delete stale chunks"):
                 self._delete_ids(stale[start : start + _UPSERT_BATCH])
         return len(stale)
+
+    def stored_versions(self, filter: Mapping[str, Any]) -> dict[str, StoredVersion]:
+        """Every document with points matching ``filter`` (e.g. ``{"doc_key": [...]}`` for a
+        batch, ``{"source": s}`` for a sync), with its hash, version number and segments.
+
+        One scroll of three small payload fields per lookup, no vectors nor texts.
+        """
+        where = _Where.of(filter)
+        if not self._exists():
+            return {}
+        with self._wrap("read stored versions"):
+            rows = self._scroll(where, _ALL, fields=["doc_key", "doc_seq", "content_hash", "segment"])
+        seen: dict[str, tuple[set, set, dict[int, int]]] = {}
+        for r in rows:
+            if "doc_key" not in r:
+                continue
+            hashes, seqs, segments = seen.setdefault(str(r["doc_key"]), (set(), set(), {}))
+            hashes.add(r.get("content_hash"))
+            seqs.add(int(r.get("doc_seq") or 0))
+            segment = int(r.get("segment") or 0)
+            segments[segment] = segments.get(segment, 0) + 1
+        return {key: StoredVersion(next(iter(h)) if len(h) == 1 and len(q) == 1 else None, max(q),
+                                   tuple(sorted(g)), tuple(g[n] for n in sorted(g)))
+                for key, (h, q, g) in seen.items()}
+
+    def relabel(self, moves: Mapping[str, tuple[int, int]]) -> int:
+        """Give the points of each document at version ``old`` the number ``new``
+        (``moves`` = {doc_key: (old, new)}): an unchanged re-ingest adopts the stored
+        points as its own version instead of embedding them again. Returns points relabelled.
+        """
+        moves = {k: (int(a), int(b)) for k, (a, b) in moves.items() if int(a) != int(b)}
+        if not moves or not self._exists():
+            return 0
+        keys = list(moves)
+        done = 0
+        for start in range(0, len(keys), _KEYS_PER_LOOKUP):
+            where = _Where(must=(("doc_key", keys[start : start + _KEYS_PER_LOOKUP]),))
+            with self._wrap("find points to relabel"):
+                rows = self._scroll(where, _ALL, fields=["doc_key", "doc_seq"])
+            ids: dict[int, list[str]] = {}
+            for r in rows:
+                old, new = moves[r["doc_key"]]
+                if int(r.get("doc_seq") or 0) == old:
+                    ids.setdefault(new, []).append(r["id"])
+            for new, group in ids.items():
+                with self._wrap("relabel points"):
+                    self._set_payload(group, {"doc_seq": new})
+                done += len(group)
+        return done
+
+    def delete_where(self, filter: Mapping[str, Any]) -> dict[str, int]:
+        """Delete every point matching ``filter`` (at least one condition); returns the
+        points deleted per doc_key, so a delete job can count documents and chunks."""
+        where = _Where.of(filter)
+        if not where.must:
+            raise ValueError("delete_where needs at least one condition; refusing to delete everything")
+        if not self._exists():
+            return {}
+        with self._wrap("find points to delete"):
+            rows = self._scroll(where, _ALL, fields=["doc_key"])
+        for start in range(0, len(rows), _UPSERT_BATCH):
+            with self._wrap("delete points"):
+                self._delete_ids([r["id"] for r in rows[start : start + _UPSERT_BATCH]])
+        per_doc: dict[str, int] = {}
+        for r in rows:
+            key = str(r.get("doc_key", r["id"]))
+            per_doc[key] = per_doc.get(key, 0) + 1
+        return per_doc
 
     def count(self, filter: Mapping[str, Any] | None = None) -> int:
         """Exact number of points matching `filter` (0 when the collection is missing)."""
@@ -239,10 +382,13 @@ class VectorStore(ABC):
         top_k: int,
         filter: Mapping[str, Any] | None = None,
         distinct_docs: bool = True,
+        sparse: Sequence[SparseVector] | None = None,
     ) -> list[list[SearchHit]]:
         """Nearest chunks for every row of `vectors`, in one batched query per round.
 
-        With distinct_docs a document's many chunks must not crowd out other documents,
+        With `sparse` (one BM25 query vector per row) the dense and the sparse ranking
+        are fused by reciprocal rank (scores are then RRF scores, not cosines). With
+        distinct_docs a document's many chunks must not crowd out other documents,
         so we over-fetch, keep each doc_key's best chunk, and fetch more for rows that
         still have fewer than top_k documents while the collection has more to give.
         """
@@ -258,16 +404,26 @@ class VectorStore(ABC):
         config = self._vector_config()
         if config is not None and queries.shape[1] != config[0]:
             raise ValueError(f"query dimension {queries.shape[1]} != collection dimension {config[0]}")
+        terms = list(sparse) if sparse is not None else None
+        if terms is not None:
+            if len(terms) != len(queries):
+                raise ValueError(f"{len(terms)} sparse queries for {len(queries)} dense ones")
+            if not self._has_sparse():
+                raise ValueError(
+                    f"collection {self.name!r} holds no BM25 vectors (it was built before hybrid "
+                    "retrieval): set RAGQ_RETRIEVAL=dense, or re-ingest into a new collection"
+                )
         if not distinct_docs:
             with self._wrap("search"):
-                return [_sorted(hits)[:top_k] for hits in self._query(queries, top_k, where)]
+                return [_sorted(hits)[:top_k] for hits in self._query(queries, top_k, where, terms)]
 
         results = empty
         pending = list(range(len(queries)))
         limit = min(top_k * _OVERFETCH, _MAX_FETCH)
         while pending:
             with self._wrap("search"):
-                batch = self._query(queries[pending], limit, where)
+                batch = self._query(queries[pending], limit, where,
+                                    [terms[row] for row in pending] if terms is not None else None)
             unfinished = []
             for row, hits in zip(pending, batch):
                 best = _best_per_doc(hits, top_k)
@@ -293,15 +449,30 @@ class VectorStore(ABC):
         """What is stored where, for ``ragq info`` and start-up logs."""
         config = self._vector_config()
         points = self.count() if config is not None else 0
+        spec = self._stored_spec(RECIPE_FIELDS) if points else None
         return CollectionInfo(
             name=self.name,
             points=points,
             dimension=config[0] if config else None,
             distance=config[1] if config else "cosine",
-            model=self._stored_model() if points else None,
+            model=spec.get("model") if spec else None,
             backend=self.backend,
             location=self.location,
+            query_prefix=spec.get("query_prefix", "") if spec else None,
+            document_prefix=spec.get("document_prefix", "") if spec else None,
+            hybrid=config is not None and self._has_sparse(),
+            embed_model=spec.get("embed_model") if spec else None,
+            chunk_tokens=int(spec["chunk_tokens"]) if spec and "chunk_tokens" in spec else None,
+            chunk_overlap=int(spec["chunk_overlap"]) if spec and "chunk_overlap" in spec else None,
         )
+
+    def optimize(self) -> bool:
+        """Build the vector index now; returns whether anything changed.
+
+        A Qdrant server indexes in the background on its own, so only the embedded
+        store overrides this.
+        """
+        return False
 
     @abstractmethod
     def close(self) -> None:
@@ -320,11 +491,15 @@ class VectorStore(ABC):
             self._exists_cached = self._vector_config() is not None
         return self._exists_cached
 
-    def _stored_model(self) -> str | None:
+    def _stored_spec(self, fields: Sequence[str] = SPEC_FIELDS) -> dict[str, str] | None:
+        """How the stored points were made (``fields`` of one point), None if there are none."""
+        if not self._exists():
+            return None
         with self._wrap("read a stored point"):
-            rows = self._scroll(_Where(), 1, fields=["model"])
-        model = rows[0].get("model") if rows else None
-        return model if isinstance(model, str) else None
+            rows = self._scroll(_Where(), 1, fields=list(fields))
+        if not rows or not isinstance(rows[0].get("model"), str):
+            return None
+        return {f: str(rows[0][f]) for f in fields if f in rows[0]}
 
     def _mismatch(self, have: str, want: str) -> None:
         raise StoreMismatchError(
@@ -338,7 +513,7 @@ class VectorStore(ABC):
         """Turn backend exceptions into StoreError with a short, secret-free reason."""
         try:
             yield
-        except (StoreError, StoreMismatchError):
+        except (StoreError, StoreMismatchError, *interrupts()):  # a soft time limit ends the batch
             raise
         except Exception as exc:
             raise StoreError(
@@ -352,7 +527,12 @@ class VectorStore(ABC):
         """(dimension, lower-case distance) of the collection, None if it does not exist."""
 
     @abstractmethod
-    def _create(self, dimension: int) -> None: ...
+    def _create(self, dimension: int) -> None:
+        """Create the collection: one unnamed cosine vector and the SPARSE_NAME sparse vector."""
+
+    @abstractmethod
+    def _has_sparse(self) -> bool:
+        """Whether the collection has the SPARSE_NAME sparse vector (collections made before hybrid do not)."""
 
     @abstractmethod
     def _ensure_indexes(self) -> None: ...
@@ -367,14 +547,37 @@ class VectorStore(ABC):
     def _delete_ids(self, ids: Sequence[str]) -> None: ...
 
     @abstractmethod
-    def _query(self, queries: np.ndarray, limit: int, where: _Where) -> list[list[SearchHit]]:
-        """One batched nearest-neighbour query; one list per row of `queries`."""
+    def _set_payload(self, ids: Sequence[str], values: Mapping[str, Any]) -> None:
+        """Set payload fields ``values`` on the points ``ids`` (other fields untouched)."""
+
+    @abstractmethod
+    def _query(self, queries: np.ndarray, limit: int, where: _Where,
+               sparse: list[SparseVector] | None = None) -> list[list[SearchHit]]:
+        """One batched query, one list per row of `queries`: nearest neighbours, or with
+        `sparse` the RRF fusion (k=RRF_K) of the dense and sparse top-`limit` rankings."""
 
     @abstractmethod
     def _scroll(
         self, where: _Where, limit: int, fields: list[str] | None = None
     ) -> list[dict[str, Any]]:
         """Payloads (all fields, or only `fields`) with "id" added."""
+
+
+def _older(row: Mapping[str, Any], seq: int, version: str | None) -> bool:
+    """Whether a stored point (its payload `row`) is older than version (seq, version)."""
+    have = int(row.get("doc_seq") or 0)
+    return have < seq or (have == seq and version is not None and row.get("doc_version") != version)
+
+
+def spec_difference(stored: Mapping[str, Any], wanted: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """The first of SPEC_FIELDS in `wanted` that `stored` differs on, as (field, stored, wanted).
+
+    A field missing from `stored` (points written before prefixes were recorded) counts as "".
+    """
+    for field in SPEC_FIELDS:
+        if field in wanted and (stored.get(field) or "") != wanted[field]:
+            return field, str(stored.get(field) or ""), wanted[field]
+    return None
 
 
 def _sorted(hits: list[SearchHit]) -> list[SearchHit]:
@@ -395,282 +598,73 @@ def _best_per_doc(hits: list[SearchHit], top_k: int) -> list[SearchHit]:
     return best
 
 
-# ----------------------------------------------------------------------------------
-# Embedded: qdrant-edge
-# ----------------------------------------------------------------------------------
+def open_store(settings: Settings, collection: str | None = None, *, client: Any = None) -> VectorStore:
+    """The configured store: embedded unless RAGQ_QDRANT_URL is http(s)://... or path:....
 
-
-class EdgeStore(VectorStore):
-    """Qdrant's engine in-process, one shard directory per collection.
-
-    The shard holds an exclusive lock on its write-ahead log, so a second EdgeStore on the
-    same path (in this or any other process) fails with StoreError until close().
+    ``collection`` opens another physical collection than ``RAGQ_COLLECTION`` (a re-index's
+    target, see :mod:`common.live`); ``client`` shares an open Qdrant client (local mode
+    locks its folder to one client per process).
     """
+    from qdrant_client import QdrantClient
 
-    backend = "embedded"
-    _CONFIG_FILE = "edge_config.json"  # written by EdgeShard.create next to wal/ and segments/
+    from common.store_edge import EdgeStore
+    from common.store_qdrant import QdrantStore
 
-    def __init__(self, path: Path, collection: str) -> None:
-        super().__init__()
-        self.path = Path(path)
-        self.name = collection
-        self.location = str(self.path)
-        self._shard: qe.EdgeShard | None = None
-        self._dimension: tuple[int, str] | None = None
-        self._closed = False
-        self._open()  # take the lock now, so a second owner fails at start-up, not mid-job
-
-    def close(self) -> None:
-        self._closed = True
-        shard, self._shard = self._shard, None
-        if shard is not None:
-            with self._wrap("close"):
-                shard.flush()  # the WAL would replay anyway; flushing makes the next open cheap
-                shard.close()
-
-    def optimize(self) -> bool:
-        """Build the HNSW index and merge segments; edge never does this on its own.
-
-        Until then every search is an exact scan, fine for tens of thousands of chunks.
-        Blocks (seconds per ten thousand 384-d vectors); call it after a large ingest.
-        """
-        shard = self._open()
-        if shard is None:
-            return False
-        with self._wrap("optimize"):
-            return shard.optimize()
-
-    def _open(self) -> qe.EdgeShard | None:
-        """The shard, loading it from disk if another call or process created it meanwhile."""
-        if self._closed:
-            raise StoreError(f"embedded store {self.path} is closed")
-        if self._shard is None and (self.path / self._CONFIG_FILE).exists():
-            try:
-                self._shard = qe.EdgeShard.load(str(self.path))
-            except Exception as exc:
-                if "WouldBlock" in str(exc):
-                    raise StoreError(
-                        f"embedded store {self.path} is in use by another process or store "
-                        "(only one may open it); stop the other worker, or use a Qdrant server "
-                        "(RAGQ_QDRANT_URL) for several workers"
-                    ) from exc
-                raise StoreError(f"embedded store {self.path}: open failed: {_reason(exc)}") from exc
-        return self._shard
-
-    def _require(self) -> qe.EdgeShard:
-        shard = self._open()
-        if shard is None:
-            raise StoreError(f"embedded store {self.path} does not exist; call ensure_collection")
-        return shard
-
-    def _vector_config(self) -> tuple[int, str] | None:
-        if self._dimension is None and self._open() is not None:
-            # EdgeShard exposes no config getter; its own config file is the source of truth.
-            try:
-                params = json.loads((self.path / self._CONFIG_FILE).read_text())["vectors"][""]
-                self._dimension = (int(params["size"]), str(params["distance"]).lower())
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                reason = _reason(exc)
-                raise StoreError(f"embedded store {self.path}: unreadable config: {reason}") from exc
-        return self._dimension
-
-    def _create(self, dimension: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dimension, distance=qe.Distance.Cosine))
-        self._shard = qe.EdgeShard.create(str(self.path), config)
-
-    def _ensure_indexes(self) -> None:
-        shard = self._require()
-        have = shard.info().payload_schema
-        for name in INDEXED_FIELDS:
-            if name not in have:
-                shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword))
-
-    def _upsert(self, chunks: Sequence[StoredChunk]) -> None:
-        points = [
-            qe.Point(c.id, np.asarray(c.vector, dtype=np.float32).tolist(), dict(c.payload))
-            for c in chunks
-        ]
-        self._require().update(qe.UpdateOperation.upsert_points(points))
-
-    def _count(self, where: _Where) -> int:
-        return self._require().count(qe.CountRequest(exact=True, filter=self._filter(where)))
-
-    def _delete_ids(self, ids: Sequence[str]) -> None:
-        self._require().update(qe.UpdateOperation.delete_points(list(ids)))
-
-    def _query(self, queries: np.ndarray, limit: int, where: _Where) -> list[list[SearchHit]]:
-        edge_filter = self._filter(where)
-        requests = [
-            qe.QueryRequest(
-                limit=limit, query=qe.Query.Nearest(q.tolist()), filter=edge_filter, with_payload=True
-            )
-            for q in queries
-        ]
-        batch = self._require().query_batch(qe.QueryBatchRequest(requests))
-        return [
-            [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in hits]
-            for hits in batch
-        ]
-
-    def _scroll(
-        self, where: _Where, limit: int, fields: list[str] | None = None
-    ) -> list[dict[str, Any]]:
-        shard = self._require()
-        out: list[dict[str, Any]] = []
-        offset = None
-        while len(out) < limit:
-            request = qe.ScrollRequest(
-                offset=offset, limit=min(limit - len(out), 1000), filter=self._filter(where),
-                with_payload=fields if fields is not None else True,
-            )
-            records, offset = shard.scroll(request)
-            out.extend({**(r.payload or {}), "id": str(r.id)} for r in records)
-            if offset is None or not records:
-                break
-        return out
-
-    @staticmethod
-    def _filter(where: _Where) -> qe.Filter | None:
-        def condition(key: str, value: Any) -> qe.FieldCondition:
-            match = qe.MatchAny(value) if isinstance(value, list) else qe.MatchValue(value)
-            return qe.FieldCondition(key, match=match)
-
-        if not where.must and not where.must_not:
-            return None
-        return qe.Filter(
-            must=[condition(k, v) for k, v in where.must] or None,
-            must_not=[condition(k, v) for k, v in where.must_not] or None,
-        )
-
-
-# ----------------------------------------------------------------------------------
-# Qdrant server (or qdrant-client local mode)
-# ----------------------------------------------------------------------------------
-
-
-class QdrantStore(VectorStore):
-    """A collection on a Qdrant server, or in qdrant-client's local mode (tests)."""
-
-    backend = "qdrant"
-
-    def __init__(
-        self, client: QdrantClient, collection: str, location: str, *, secrets: Sequence[str] = ()
-    ) -> None:
-        """`secrets` (e.g. the API key) are blanked out of any error message."""
-        super().__init__()
-        self.client = client
-        self.name = collection
-        self.location = location
-        self._secrets = tuple(s for s in secrets if s)
-        self._config: tuple[int, str] | None = None
-
-    def close(self) -> None:
-        with self._wrap("close"):
-            self.client.close()
-
-    def _vector_config(self) -> tuple[int, str] | None:
-        if self._config is None:
-            with self._wrap("read collection"):
-                if not self.client.collection_exists(self.name):
-                    return None
-                params = self.client.get_collection(self.name).config.params.vectors
-            if not isinstance(params, qm.VectorParams):
-                self._mismatch("named vectors", "one unnamed cosine vector")
-            self._config = (int(params.size), str(params.distance.value).lower())
-        return self._config
-
-    def _create(self, dimension: int) -> None:
-        params = qm.VectorParams(size=dimension, distance=qm.Distance.COSINE)
-        try:
-            self.client.create_collection(self.name, vectors_config=params)
-        except Exception:
-            if not self.client.collection_exists(self.name):  # else another worker won the race
-                raise
-
-    def _ensure_indexes(self) -> None:
-        with warnings.catch_warnings():
-            # local mode warns that payload indexes have no effect there; servers use them.
-            warnings.filterwarnings("ignore", message="Payload indexes have no effect")
-            for name in INDEXED_FIELDS:
-                self.client.create_payload_index(
-                    self.name, name, field_schema=qm.PayloadSchemaType.KEYWORD, wait=True
-                )
-
-    def _upsert(self, chunks: Sequence[StoredChunk]) -> None:
-        points = [
-            qm.PointStruct(
-                id=c.id, vector=np.asarray(c.vector, dtype=np.float32).tolist(), payload=dict(c.payload)
-            )
-            for c in chunks
-        ]
-        self.client.upsert(self.name, points=points, wait=True)
-
-    def _count(self, where: _Where) -> int:
-        return self.client.count(self.name, count_filter=self._filter(where), exact=True).count
-
-    def _delete_ids(self, ids: Sequence[str]) -> None:
-        self.client.delete(self.name, points_selector=qm.PointIdsList(points=list(ids)), wait=True)
-
-    def _query(self, queries: np.ndarray, limit: int, where: _Where) -> list[list[SearchHit]]:
-        client_filter = self._filter(where)
-        requests = [
-            qm.QueryRequest(query=q.tolist(), limit=limit, filter=client_filter, with_payload=True)
-            for q in queries
-        ]
-        batch = self.client.query_batch_points(self.name, requests=requests)
-        return [
-            [SearchHit(str(p.id), float(p.score), dict(p.payload or {})) for p in response.points]
-            for response in batch
-        ]
-
-    def _scroll(
-        self, where: _Where, limit: int, fields: list[str] | None = None
-    ) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        offset = None
-        while len(out) < limit:
-            records, offset = self.client.scroll(
-                self.name, scroll_filter=self._filter(where), limit=min(limit - len(out), 1000),
-                offset=offset, with_payload=fields if fields is not None else True,
-            )
-            out.extend({**(r.payload or {}), "id": str(r.id)} for r in records)
-            if offset is None or not records:
-                break
-        return out
-
-    @staticmethod
-    def _filter(where: _Where) -> qm.Filter | None:
-        def condition(key: str, value: Any) -> qm.FieldCondition:
-            match = qm.MatchAny(any=value) if isinstance(value, list) else qm.MatchValue(value=value)
-            return qm.FieldCondition(key=key, match=match)
-
-        if not where.must and not where.must_not:
-            return None
-        return qm.Filter(
-            must=[condition(k, v) for k, v in where.must] or None,
-            must_not=[condition(k, v) for k, v in where.must_not] or None,
-        )
-
-
-def open_store(settings: Settings) -> VectorStore:
-    """The configured store: embedded unless RAGQ_QDRANT_URL is http(s)://... or path:...."""
+    name = collection or settings.collection
     url = (settings.qdrant_url or "").strip()
     if not url:
-        return EdgeStore(settings.store_dir / settings.collection, settings.collection)
+        return EdgeStore(settings.store_dir / name, name)
+    if client is not None:
+        return QdrantStore(client, name, _qdrant_location(settings), owns_client=False,
+                           secrets=[_qdrant_key(settings)])
     if url.startswith("path:"):
         path = Path(url[len("path:") :]).expanduser()
         try:
             client = QdrantClient(path=str(path))
         except Exception as exc:  # e.g. the folder is locked by another client
             raise StoreError(f"qdrant local store {path}: open failed: {_reason(exc)}") from exc
-        return QdrantStore(client, settings.collection, str(path))
+        return QdrantStore(client, name, str(path))
     if urlsplit(url).scheme not in ("http", "https"):
         raise ValueError(f"RAGQ_QDRANT_URL must be http(s)://... or path:..., got {mask_url(url)!r}")
-    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    api_key = _qdrant_key(settings)
     try:
-        client = QdrantClient(url=url, api_key=api_key or None, timeout=60)
+        client = QdrantClient(url=url, api_key=api_key or None, timeout=60,
+                              prefer_grpc=settings.qdrant_grpc, grpc_port=settings.qdrant_grpc_port)
     except Exception as exc:
         reason = _reason(exc, [api_key or ""])
         raise StoreError(f"qdrant {mask_url(url)}: client setup failed: {reason}") from exc
-    return QdrantStore(client, settings.collection, mask_url(url), secrets=[api_key or ""])
+    return QdrantStore(client, name, _qdrant_location(settings), secrets=[api_key or ""])
+
+
+def _qdrant_key(settings: Settings) -> str:
+    return settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else ""
+
+
+def _qdrant_location(settings: Settings) -> str:
+    url = (settings.qdrant_url or "").strip()
+    if url.startswith("path:"):
+        return str(Path(url[len("path:") :]).expanduser())
+    return mask_url(url) + (f" (gRPC port {settings.qdrant_grpc_port})" if settings.qdrant_grpc else "")
+
+
+def open_pointer(settings: Settings, store: Any) -> Any:
+    """The :mod:`common.live` pointer of ``RAGQ_COLLECTION`` for the store ``store`` is in."""
+    from common.live import AliasPointer, FilePointer
+
+    client = getattr(store, "client", None)
+    if client is not None and store.backend == "qdrant":
+        return AliasPointer(client, settings.collection, wrap=store._wrap)
+    return FilePointer(settings.store_dir, settings.collection)
+
+
+def __getattr__(name: str) -> Any:
+    """The backends by their old names (``from common.vectorstore import EdgeStore``)."""
+    if name == "EdgeStore":
+        from common.store_edge import EdgeStore
+
+        return EdgeStore
+    if name == "QdrantStore":
+        from common.store_qdrant import QdrantStore
+
+        return QdrantStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

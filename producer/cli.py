@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,9 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.config import Settings
+from common.deletion import DeleteSelector
+from common.priorities import PRIORITY_HELP
 from common.jobs import JobInfo
 from common.schemas import JobStatus
-from producer.client import Client, RagqError
+from producer.client import Client, Job, RagqError
 
 app = typer.Typer(
     name="ragq",
@@ -58,7 +61,14 @@ def _summary(info: JobInfo) -> None:
     err.print(f"job [bold]{info.id}[/bold]: [{colour}]{info.status}[/{colour}]", highlight=False)
     line = f"  {info.completed} completed, {info.failed} failed of {info.total} items"
     if info.kind == "ingest":
-        line += f"; {info.chunks} chunks, {info.tokens} tokens"
+        line += f" ({info.skipped} unchanged, skipped); {info.chunks} chunks, {info.tokens} tokens"
+    elif info.kind == "delete":
+        line = f"  {info.completed} documents deleted ({info.chunks} chunks), {info.failed} failed"
+    elif info.kind == "reindex":
+        target, switched = info.meta.get("target"), info.meta.get("switched")
+        line = (f"  {info.completed} documents rebuilt into {target} ({info.chunks} chunks), {info.failed} failed; "
+                + (f"searches now use {target} (was {info.meta.get('previous')}; "
+                   "`ragq reindex --drop-old` deletes it)" if switched else "not switched"))
     err.print(line, highlight=False)
     if info.elapsed_s:
         t = info.throughput
@@ -92,19 +102,35 @@ def _wait_with_progress(client: Client, job_id: str, timeout: float | None) -> J
         return client.job(job_id).wait(timeout, on_progress=update)
 
 
+WEBHOOK_OPTION = typer.Option(None, "--webhook-url",
+                              help="Announce the job's end here (job.completed / job.failed / job.cancelled); "
+                                   "default RAGQ_WEBHOOK_URL.")
+#: Checked by the client (common/priorities.py), as for the HTTP API.
+PRIORITY_OPTION = typer.Option(None, "--priority", help=PRIORITY_HELP + " A job of one document is interactive.")
+
+
 @app.command()
 def ingest(
     paths: list[Path] = typer.Argument(..., help="Files (.json, .jsonl, .md, .txt) or directories (walked recursively)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the job, with a progress bar, then print a summary."),
     timeout: Optional[float] = typer.Option(None, help="With --wait: give up after this many seconds."),
     as_json: bool = typer.Option(False, "--json", help="Print the job as JSON on stdout."),
+    webhook_url: Optional[str] = WEBHOOK_OPTION,
+    force: bool = typer.Option(False, "--force", help="Re-embed documents even if unchanged since stored."),
+    source: Optional[str] = typer.Option(None, "--source", help="Name the documents' source [default: each path given, resolved]."),
+    sync: bool = typer.Option(False, "--sync", help="Wait, then delete the source's stored documents this run did not "
+                                                    "send (only if it completed without errors)."),
+    priority: Optional[int] = PRIORITY_OPTION,
 ) -> None:
     """Queue documents for embedding and upsert; prints the job id."""
     client = _client()
     try:
-        job = client.ingest(paths)
+        job = client.ingest(paths, source=source, force=force, sync=sync, webhook_url=webhook_url,
+                            priority=priority)
     except RagqError as exc:
         _fail(str(exc))
+    if sync:
+        _sync(client, job.id, timeout, as_json)
     if not wait:
         info = job.refresh()
         if as_json:
@@ -118,12 +144,99 @@ def ingest(
         info = _wait_with_progress(client, job.id, timeout)
     except RagqError as exc:
         _fail(str(exc), EXIT_JOB_FAILED)
+    _show(info, as_json)
+    raise typer.Exit(_exit_code(info))
+
+
+def _show(info: JobInfo, as_json: bool, summary: bool = True) -> None:
+    """A job as ``--json`` prints it, or its id on stdout and (if ``summary``) its summary on stderr."""
     if as_json:
         _print_json(info.to_dict())
     else:
-        out.print(job.id, highlight=False)
-        _summary(info)
-    raise typer.Exit(_exit_code(info))
+        out.print(info.id, highlight=False)
+        if summary:
+            _summary(info)
+
+
+def _sync(client: Client, job_id: str, timeout: Optional[float], as_json: bool) -> None:
+    """``ingest --sync``: wait for the ingest, then delete the stale documents and wait for that."""
+    try:
+        info = _wait_with_progress(client, job_id, timeout)
+        _show(info, as_json)
+        if info.status != JobStatus.completed.value:
+            err.print("sync: the ingest did not complete cleanly; nothing deleted", highlight=False)
+            raise typer.Exit(EXIT_JOB_FAILED)
+        deleted = _wait_with_progress(client, client.delete_stale(job_id).id, timeout)
+    except RagqError as exc:
+        _fail(str(exc), EXIT_JOB_FAILED)
+    _show(deleted, as_json)
+    raise typer.Exit(_exit_code(deleted))
+
+
+def _submit_and_show(client: Client, submit: Callable[[], Job], *, wait: bool, timeout: float | None,
+                     as_json: bool) -> None:
+    """Queue a job, then print it at once or, with ``--wait``, after it ends (exit code by outcome)."""
+    try:
+        job = submit()
+        info = _wait_with_progress(client, job.id, timeout) if wait else job.refresh()
+    except RagqError as exc:
+        _fail(str(exc), EXIT_JOB_FAILED)
+    _show(info, as_json, summary=wait)
+    if wait:
+        raise typer.Exit(_exit_code(info))
+
+
+@app.command()
+def delete(
+    key: Optional[str] = typer.Option(None, "--key", help="A document key (its id, url or resolved path)."),
+    url: Optional[str] = typer.Option(None, "--url", help="Documents with this url."),
+    product: Optional[str] = typer.Option(None, "--product", help="Documents of this product."),
+    where: Optional[str] = typer.Option(None, "--filter", help='A payload filter as JSON: {"field": value or [values]}.'),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the job, then print a summary."),
+    timeout: Optional[float] = typer.Option(None, help="With --wait: give up after this many seconds."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job as JSON on stdout."),
+) -> None:
+    """Delete documents (all their chunks) by key, url, product or payload filter; a job with counts."""
+    try:
+        extra = json.loads(where) if where is not None else None
+        selector = DeleteSelector.of(doc_key=key, url=url, product=product, filter=extra)
+    except ValueError as exc:  # json.JSONDecodeError is one
+        _fail(f"invalid selector: {exc}")
+    client = _client()
+    _submit_and_show(client, lambda: client.delete(selector), wait=wait, timeout=timeout, as_json=as_json)
+
+
+@app.command()
+def reindex(
+    model: Optional[str] = typer.Option(None, "--model", help="The embedding model to re-index to (an HF id or path)."),
+    chunk_tokens: Optional[int] = typer.Option(None, "--chunk-tokens", help="Tokens per chunk (default RAGQ_CHUNK_TOKENS)."),
+    chunk_overlap: Optional[int] = typer.Option(None, "--chunk-overlap", help="Overlap tokens (default RAGQ_CHUNK_OVERLAP)."),
+    drop_old: bool = typer.Option(False, "--drop-old", help="Delete the collections a re-index switched away from."),
+    wait: bool = typer.Option(False, "--wait", help="Wait for the job (and the switch), then print a summary."),
+    timeout: Optional[float] = typer.Option(None, help="With --wait: give up after this many seconds."),
+    as_json: bool = typer.Option(False, "--json", help="Print the job as JSON on stdout."),
+) -> None:
+    """Rebuild the collection with another model or chunking beside the live one; searches
+    keep answering from the old one and move to the new one in one step when it is done."""
+    client = _client()
+    if drop_old:
+        if model or chunk_tokens or chunk_overlap is not None:
+            _fail("--drop-old takes no other options")
+        try:
+            done = client.drop_old_collections()
+        except RagqError as exc:
+            _fail(str(exc), EXIT_JOB_FAILED)
+        if as_json:
+            _print_json(done)
+        else:
+            err.print(f"live: {done['live']}; dropped: {', '.join(done['dropped']) or 'nothing'}", highlight=False)
+        return
+    settings = client.settings
+    if not model and chunk_tokens is None and chunk_overlap is None:
+        _fail("say what to re-index to: --model and/or --chunk-tokens / --chunk-overlap")
+    _submit_and_show(client, lambda: client.reindex(model or settings.embed_model, chunk_tokens=chunk_tokens,
+                                                    chunk_overlap=chunk_overlap),
+                     wait=wait, timeout=timeout, as_json=as_json)
 
 
 @app.command()
@@ -163,11 +276,30 @@ def info(
         _print_json(data)
         return
     table = Table(show_header=False, box=None)
-    for key in ("name", "points", "dimension", "distance", "model", "backend", "location"):
-        table.add_row(key, str(store.get(key)))
+    for key in ("name", "points", "dimension", "distance", "model", "query_prefix", "document_prefix",
+                "hybrid", "retrieval", "backend", "location"):
+        value = store.get(key)
+        table.add_row(key, repr(value) if key.endswith("_prefix") and value is not None else str(value))
     for queue, depth in data["queues"].items():
         table.add_row(f"queue {queue}", f"{depth} waiting")
     out.print(table)
+
+
+@app.command()
+def optimize(
+    timeout: float = typer.Option(1800.0, help="Seconds to wait for the index to be built."),
+) -> None:
+    """Build the embedded store's vector index now (the owner also does it when idle after large ingests)."""
+    client = _client()
+    try:
+        result = client.optimize(timeout=timeout)
+    except RagqError as exc:
+        _fail(str(exc))
+    if result.get("backend") != "embedded":
+        out.print("a Qdrant server builds its index on its own; nothing to do")
+        return
+    verb = "built" if result.get("changed") else "already up to date"
+    out.print(f"index {verb}: {result.get('points')} points, {result.get('seconds')} s")
 
 
 @app.command()
@@ -208,14 +340,22 @@ def worker(
         True, help="Embedded store only: this launch owns the store (one process consumes RAGQ_STORE_QUEUE). "
                    "Use --no-store-owner for further launches on the same host."),
     pool: str = typer.Option("prefork", help="Celery pool of each process (prefork: crash-isolated, time limits enforced)."),
+    concurrency: int = typer.Option(
+        1, min=1, help="Batches each process runs at once; above 1 needs --pool threads (the slots share the "
+                       "model and the LLM in-flight budget: one batch retrieves while another generates)."),
+    interactive_threads: int = typer.Option(
+        2, min=0, help="Threads of the extra process per GPU (or on the CPU) that serves only RAGQ_INTERACTIVE_QUEUE "
+                       "(asks, searches, embeddings, one-document ingests); 0 = no such process, the bulk processes "
+                       "take interactive work first when their running batch ends."),
     loglevel: str = typer.Option("INFO", help="Celery log level."),
     drain_timeout: Optional[float] = typer.Option(
         None, help="On SIGTERM, seconds to let running batches finish before requeueing them [default: wait]."),
 ) -> None:
     """Start pinned worker processes (per GPU, or on the CPU) and supervise them.
 
-    With the embedded store (no RAGQ_QDRANT_URL) and more than one process, an extra
-    process owns the store and the others send it their writes and searches.
+    A launch that serves the ingest or qa queue also serves the interactive queue. With
+    the embedded store (no RAGQ_QDRANT_URL) and more than one process, an extra process
+    owns the store and the others send it their writes and searches.
     """
     from workers.launcher import Supervisor, plan_workers, select_gpus
 
@@ -227,7 +367,13 @@ def worker(
         _fail(str(exc))
     names = [q.strip() for q in queues.split(",") if q.strip()]
     owner_queue = settings.store_queue if store_owner and not settings.qdrant_url else None
-    specs = plan_workers(names, chosen, processes=processes, store_queue=owner_queue, pool=pool, loglevel=loglevel)
+    serves = {settings.ingest_queue, settings.qa_queue, settings.interactive_queue} & set(names)
+    try:
+        specs = plan_workers(names, chosen, processes=processes, store_queue=owner_queue, pool=pool,
+                             interactive_queue=settings.interactive_queue if serves else None,
+                             interactive_threads=interactive_threads, concurrency=concurrency, loglevel=loglevel)
+    except ValueError as exc:
+        _fail(str(exc))
     raise typer.Exit(Supervisor(specs, drain_timeout_s=drain_timeout).run())
 
 
@@ -245,7 +391,8 @@ def config(as_json: bool = typer.Option(False, "--json", help="Print as JSON on 
 
 
 #: Command groups that live in their own modules; each registers on ``app`` when imported.
-_COMMAND_MODULES: tuple[str, ...] = ("producer.cli_qa", "producer.cli_http", "producer.cli_ops")
+_COMMAND_MODULES: tuple[str, ...] = ("producer.cli_qa", "producer.cli_http", "producer.cli_ops",
+                                     "producer.cli_batches", "producer.cli_webhooks")
 
 
 def main() -> None:

@@ -129,7 +129,8 @@ def metrics(
         store.redis.ping()
     except Exception as exc:
         _fail(f"cannot reach Redis: {exc}")
-    wanted = [settings.ingest_queue, settings.qa_queue, *(q.strip() for q in queues.split(",") if q.strip())]
+    wanted = [settings.interactive_queue, settings.ingest_queue, settings.qa_queue,
+              *(q.strip() for q in queues.split(",") if q.strip())]
     registry = CollectorRegistry(auto_describe=False)
     registry.register(PrometheusCollector(store, wanted))
     try:
@@ -190,7 +191,7 @@ def top(
     """Live throughput per queue and worker (docs, chunks, tokens, questions per second)."""
     settings = Settings()
     store = _store(settings)
-    wanted = [settings.ingest_queue, settings.qa_queue]
+    wanted = [settings.interactive_queue, settings.ingest_queue, settings.qa_queue]
 
     def snap() -> Snapshot:
         try:

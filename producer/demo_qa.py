@@ -1,19 +1,19 @@
-"""The question-answering part of ``make demo``: answer a sample, show sources, measure hit@5.
+"""The question-answering part of ``make demo``: answer a sample, show sources, measure retrieval.
 
-``run_qa_demo(client)`` (or ``run_qa_demo(repo_dir, corpus_dir)``, as scripts/demo.py
-calls it) expects a worker on the ``qa`` queue and an ingested corpus. It
+``run_qa_demo(client, corpus)`` (or ``run_qa_demo(repo_dir, corpus_dir)``, as
+scripts/demo.py calls it, once for the English and once for the Chinese corpus) expects
+a worker on the ``qa`` queue and an ingested corpus. It
 
 1. answers a sample of ``questions-dev.txt`` as one question job (``ragq ask-file``)
    and prints a few answers with their numbered sources;
-2. runs every ``query`` of ``questions-dev.jsonl`` as a retrieval-only job and prints
-   hit@5: the share of questions whose ``source_url`` is among the answer's sources.
+2. measures retrieval over every line of ``questions-dev.jsonl`` the way ``ragq eval``
+   does (hit@1/3/5/10, MRR@10, nDCG@10 of each question's ``source_url``).
 
 It only talks to the queue through :class:`producer.client.Client`, like any producer.
 """
 
 from __future__ import annotations
 
-import json
 import textwrap
 import time
 from pathlib import Path
@@ -74,33 +74,19 @@ def run_qa_demo(
                   f"generation {a.timings.get('generation_s', 0):.2f} s")
     print(f"\nall answers: ragq results {job.id} --output answers.jsonl")
 
-    # 2. hit@k over the whole dev set, retrieval only (the same sources an answer gets).
-    questions = [json.loads(line) for line in jsonl.open(encoding="utf-8") if line.strip()]
-    print(f"\n$ ragq ask-file questions-dev.jsonl --retrieval-only   "
-          f"({len(questions)} questions, their 'query' field, top_k {top_k})", flush=True)
+    # 2. Retrieval quality over the whole dev set (what `ragq eval` prints).
+    print(f"\n$ ragq eval {jsonl.name}   (its 'query' field and source_url; Client.evaluate does the same)",
+          flush=True)
     started = time.perf_counter()
-    eval_job = client.ask_many(
-        [{"custom_id": q.get("id") or str(n), "question": q["query"], "top_k": top_k} for n, q in enumerate(questions, 1)],
-        generate=False,
-    )
-    eval_info = _wait(eval_job, timeout)
-    results = {a.custom_id: a for a in eval_job.answers()}
-    hits = sum(1 for n, q in enumerate(questions, 1)
-               if q["source_url"] in results.get(q.get("id") or str(n), _NO_ANSWER).urls)
-    hit = hits / len(questions) if questions else 0.0
+    report = client.evaluate(jsonl, timeout=timeout)
     seconds = time.perf_counter() - started
-    print(f"hit@{top_k}: {hit:.3f} ({hits} of {len(questions)} questions have their source page among "
-          f"the answer's sources; {eval_info.status} in {seconds:.1f} s, "
-          f"{len(questions) / seconds:.1f} questions/s)")
+    o = report.overall
+    print(f"{o['n']} questions in {seconds:.1f} s: hit@1 {o['hit@1']:.3f}, hit@3 {o['hit@3']:.3f}, "
+          f"hit@5 {o['hit@5']:.3f}, hit@10 {o['hit@10']:.3f}, MRR@10 {o['mrr@10']:.3f}, "
+          f"nDCG@10 {o['ndcg@10']:.3f}")
+    hit = o[f"hit@{top_k}"] if f"hit@{top_k}" in o else None
     return {"answer_job": job.id, "answered": info.completed, "failed": info.failed,
-            "eval_job": eval_job.id, f"hit@{top_k}": hit}
-
-
-class _NoAnswer:
-    urls: list[str] = []
-
-
-_NO_ANSWER = _NoAnswer()
+            "eval_job": report.meta.get("job_id"), f"hit@{top_k}": hit, "eval": o}
 
 
 def _wait(job: Job, timeout: float) -> JobInfo:

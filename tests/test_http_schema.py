@@ -55,6 +55,15 @@ def _document() -> dict[str, Any]:
 schema = schemathesis.openapi.from_dict(_document())
 
 
+def test_batch_api_operations_are_generated() -> None:
+    """The Batch API's routes (files, batches) are exercised like the others."""
+    operations = {(method.upper(), path) for path, item in _document()["paths"].items() for method in item}
+    assert {("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/{file_id}"),
+            ("GET", "/v1/files/{file_id}/content"), ("DELETE", "/v1/files/{file_id}"), ("POST", "/v1/batches"),
+            ("GET", "/v1/batches"), ("GET", "/v1/batches/{batch_id}"),
+            ("POST", "/v1/batches/{batch_id}/cancel")} <= operations
+
+
 def test_live_document_is_the_tested_one(api: Server) -> None:
     assert httpx.get(f"{api.base}/openapi.json", timeout=10).json() == _document()
 

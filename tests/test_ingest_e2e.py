@@ -62,7 +62,11 @@ def test_sample_ingest_counts(stack: Stack, sample: dict) -> None:
 def test_reingest_replaces_instead_of_duplicating(stack: Stack, sample: dict) -> None:
     before = info(stack)["points"]
     again = json.loads(stack.cli("ingest", str(sample["root"]), "--wait", "--json", check=True).stdout)
-    assert again["status"] == "completed" and again["chunks"] == sample["job"]["chunks"]
+    assert again["status"] == "completed" and again["skipped"] == again["completed"] == sample["job"]["completed"]
+    assert again["chunks"] == 0  # unchanged: nothing embedded nor written again
+    assert info(stack)["points"] == before
+    forced = json.loads(stack.cli("ingest", str(sample["root"]), "--wait", "--json", "--force", check=True).stdout)
+    assert forced["status"] == "completed" and forced["chunks"] == sample["job"]["chunks"]
     assert info(stack)["points"] == before
 
 
@@ -172,7 +176,7 @@ def test_stored_points_equal_an_in_process_computation(stack: Stack, sample: dic
         vectors = embedder.encode([q["text"] for q in sampled])
         rows = store.search(vectors, top_k=1, distinct_docs=False)
         for payload, row in zip(sampled, rows):
-            assert row[0].id == point_id(payload["doc_key"], payload["segment"], payload["chunk_index"])
+            assert row[0].id == point_id(payload["doc_key"], payload["segment"], payload["chunk_index"], payload["doc_seq"])
             assert row[0].score == pytest.approx(1.0, abs=1e-4)
         huge = store.scroll_payloads(filter={"doc_key": "test://huge"})
         assert len({p["segment"] for p in huge}) >= 3

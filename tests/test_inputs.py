@@ -157,3 +157,32 @@ def test_non_ascii_text_is_measured_as_it_travels() -> None:
     for b in batches:
         body = json.dumps([["job", b.index, b.to_payload()], {}, {}])
         assert len(body) <= 50_000
+
+
+def test_file_identity_does_not_depend_on_how_the_path_is_spelled(tmp_path: Path, monkeypatch) -> None:
+    """`ragq ingest docs/`, `ragq ingest /abs/docs/` and a run from another working
+    directory key a file alike, so re-ingesting replaces it instead of adding a copy;
+    documents with an `id` or `url` keep those."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("# A\nCloud disks can be detached.\n")
+    (docs / "b.jsonl").write_text(json.dumps({"content": "no id, no url"}) + "\n"
+                                  + json.dumps({"id": "kept-id", "content": "has an id"}) + "\n")
+    (docs / "c.json").write_text(json.dumps([{"content": "first"}, {"url": "https://x/y", "content": "url"}]))
+    (tmp_path / "elsewhere").mkdir()
+
+    def keys(*spelling: str) -> list[str]:
+        found, errors = read(*map(Path, spelling))
+        assert not errors
+        return sorted(d.key for d in found)
+
+    monkeypatch.chdir(tmp_path)
+    relative = keys("docs")
+    dotted = keys("./docs/")
+    absolute = keys(str(docs))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    from_elsewhere = keys("../docs")
+    assert relative == dotted == absolute == from_elsewhere
+    real = docs.resolve()
+    assert relative == sorted([f"{real / 'a.md'}", f"{real / 'b.jsonl'}:1", "kept-id",
+                               f"{real / 'c.json'}[0]", "https://x/y"])

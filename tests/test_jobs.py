@@ -110,3 +110,36 @@ def test_attempts_are_counted_per_batch(redis_client: redis.Redis, prefix: str) 
     assert [job.begin_attempt(0) for _ in range(3)] == [1, 2, 3]
     assert job.begin_attempt(1) == 1
     assert job.attempts() == {0: 3, 1: 1}
+
+
+def test_index_forgets_jobs_older_than_the_ttl(redis_client: redis.Redis, prefix: str) -> None:
+    """The index of jobs would otherwise grow for ever: its entries outlive their records."""
+    import time
+
+    index = JobRecord.index_key(prefix)
+    redis_client.zadd(index, {"ancient": time.time() - 700, "recent": time.time() - 60})
+    job = new_job(redis_client, prefix, ttl=600)
+    assert JobRecord.recent(redis_client, prefix=prefix) == [job.id, "recent"]
+    assert 0 < redis_client.ttl(index) <= 600
+
+
+def test_final_status_is_announced_once_per_job(redis_client: redis.Redis, prefix: str) -> None:
+    """The finishing script publishes the job id, so a waiter (``/v1/answer``) needs no polling."""
+    pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(JobRecord.finished_channel(prefix))
+    pubsub.get_message(timeout=1)  # the subscribe confirmation
+    done, cancelled, sealed_last = new_job(redis_client, prefix), new_job(redis_client, prefix), new_job(redis_client, prefix)
+    done.add_items(items=1, batches=1)
+    done.seal()
+    assert done.finish_batch(0, BatchOutcome(completed=1))
+    assert not done.finish_batch(0, BatchOutcome(completed=1))  # a second delivery: no second notice
+    cancelled.add_items(items=1, batches=1)
+    assert cancelled.cancel() and not cancelled.cancel()
+    sealed_last.add_items(items=1, batches=1)
+    assert sealed_last.finish_batch(0, BatchOutcome(completed=1))  # not sealed yet: not final
+    sealed_last.seal()
+    ids = []
+    while (message := pubsub.get_message(timeout=0.5)) is not None:
+        ids.append(message["data"])
+    pubsub.close()
+    assert ids == [done.id, cancelled.id, sealed_last.id]

@@ -19,6 +19,7 @@ import pytest
 
 from common.generators import default_local_model_path
 from common.jobs import JobRecord
+from common.priorities import queue_keys
 from producer.client import Client, RagqError
 from producer.demo_qa import run_qa_demo
 from tests.conftest import Stack, copy_docs, require_corpus
@@ -246,7 +247,7 @@ def test_demo_answers_a_sample_and_measures_hit_at_5(qa: QAEnv, capsys: pytest.C
     # be other questions' sources): those questions should find them.
     in_store = len(qa.slice["questions"])
     assert 0.8 * in_store / 168 <= figures["hit@5"] <= (in_store + 10) / 168
-    assert f"hit@5: {figures['hit@5']:.3f}" in printed
+    assert f"hit@5 {figures['hit@5']:.3f}" in printed
 
 
 def test_results_and_cancel_refuse_what_they_cannot_do(qa: QAEnv) -> None:
@@ -268,14 +269,14 @@ def test_results_and_cancel_refuse_what_they_cannot_do(qa: QAEnv) -> None:
 
 def test_ask_without_a_worker_says_so(redis_url: str, tmp_path: Path) -> None:
     # A queue nobody consumes: the question is never taken, and the job is cancelled.
-    settings = Stack(redis_url, tmp_path).settings(qa_queue="qa-nobody-listens")
+    settings = Stack(redis_url, tmp_path).settings(interactive_queue="qa-nobody-listens")
     api = Client(settings)
     with pytest.raises(RagqError, match="no worker took the question within 1s: is one running on the "
                                         "'qa-nobody-listens' queue"):
         api.ask("Anyone there?", timeout=1)
     job_id = JobRecord.recent(api.redis, prefix=settings.key_prefix, limit=1)[0]
     assert api.job(job_id).status().value == "cancelled"
-    api.redis.delete("qa-nobody-listens")
+    api.redis.delete(*queue_keys("qa-nobody-listens"))
 
 
 # --- an OpenAI-compatible endpoint that is not there -----------------------------------

@@ -49,7 +49,7 @@ def test_everything_runs_over_tls_with_a_verified_certificate(tls_redis: RedisSe
         job_id = stack.cli("ingest", str(docs), "--wait", check=True).stdout.split()[0]
         status = json.loads(stack.cli("status", job_id, "--json", check=True).stdout)
         assert (status["status"], status["completed"], status["failed"]) == ("completed", 3, 0)
-        hits = json.loads(stack.cli("search", "encrypted connection to Redis", "--json", check=True).stdout)
+        hits = json.loads(stack.cli("search", "encrypted TLS connection to Redis", "--json", check=True).stdout)
         assert hits[0]["title"] == "TLS"
         config = stack.cli("config", "--json", check=True).stdout
     finally:

@@ -58,7 +58,7 @@ def test_remote_calls_match_the_owners_store(owner: Owner, redis_client: redis.R
     store.upsert(chunks)  # ~600 * (payload + 128 B of vector): over the inline limit, so staged
 
     method, request = owner.requests[-1]
-    assert method == "upsert" and set(request) == {"staged"}
+    assert method == "upsert" and set(request) == {"staged", "collection"}  # the owner may hold several
     assert owner.staged_seen == [True]
     assert not redis_client.keys(f"{prefix}:*"), "staged request left behind"
 
@@ -75,7 +75,7 @@ def test_remote_calls_match_the_owners_store(owner: Owner, redis_client: redis.R
 
     # A newer, shorter version of doc0 replaces the old one through the owner.
     store.upsert([make_chunk("doc0", i, v, version="v2") for i, v in enumerate(unit_vectors(rng, 2))])
-    assert store.delete_stale_many({"doc0": "v2", "doc1": "v1"}) == 4
+    assert store.delete_older_many({"doc0": (0, "v2"), "doc1": (0, "v1")}) == 4
     assert store.count() == 596
 
 
@@ -106,3 +106,21 @@ def test_expired_staged_request_is_a_store_error(owner: Owner, redis_client: red
     reply = serve(owner.store, redis_client, "upsert", {"staged": "ragq-test-gone:store:staged:x"})
     assert reply["error"] == "store" and "expired" in reply["message"]
     assert serve(owner.store, redis_client, "drop_everything", {})["error"] == "value"
+
+
+def test_document_level_calls_through_the_owner(owner: Owner) -> None:
+    """stored_versions, relabel and delete_where answer through the owner as in its process."""
+    store = remote(owner, "ragq-test-docs")
+    rng = np.random.default_rng(24)
+    chunks = [make_chunk(f"doc{i // 3}", i % 3, v) for i, v in enumerate(unit_vectors(rng, 9))]
+    store.upsert(chunks)
+    keys = {"doc_key": ["doc0", "doc1", "doc2"]}
+    assert store.stored_versions(keys) == owner.store.stored_versions(keys)
+    assert set(store.stored_versions(keys)) == {"doc0", "doc1", "doc2"}
+    assert store.relabel({"doc1": (0, 7)}) == 3
+    assert store.stored_versions({"doc_key": "doc1"})["doc1"].doc_seq == 7
+    assert store.delete_where({"doc_key": ["doc0", "doc1"]}) == {"doc0": 3, "doc1": 3}
+    assert store.count() == 3
+    with pytest.raises(ValueError, match="at least one condition"):
+        store.delete_where({})
+    assert store.count() == 3

@@ -126,7 +126,7 @@ def test_store_owner_frozen_past_the_request_timeout(shared: Stack, tmp_path: Pa
 
     info = assert_exact(client, rec, batches, want_chunks, before, shared)
     log = shared.log_text()
-    assert re.search(r"no answer to (upsert|delete_stale_many) from the embedded store's owner within 6s", log)
+    assert re.search(r"no answer to (stored_versions|upsert|delete_older_many) from the embedded store's owner within 6s", log)
     assert "Discarding revoked task: ragq.store_call" in log  # the expired request never ran
     assert owner_pid(shared) == owner  # nothing restarted: the owner just answered late
     report("store-owner-frozen", batches=len(batches), frozen_s=frozen_s,

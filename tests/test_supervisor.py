@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import redis
 
 from common.jobs import JobRecord
+from common.priorities import queue_depths
 from producer.client import Client, RagqError
 from tests.conftest import REPO, Stack
 
@@ -103,7 +105,8 @@ def test_second_signal_requeues_the_running_batch(stack: Stack, tmp_path: Path, 
     info = record.info()
     assert info.status == "in_progress" and info.batches_done == 0, info
     settings = stack.settings()
-    assert redis_client.llen(settings.ingest_queue) == 1  # requeued, not lost until the visibility timeout
+    # requeued (to the interactive queue: a one-document ingest), not lost until the visibility timeout
+    assert queue_depths(redis_client, [settings.interactive_queue])[settings.interactive_queue] == 1
     assert "cold shutdown" in stack.log_text()
 
     stack.start_worker()  # a new worker takes the requeued batch and finishes it
@@ -122,7 +125,9 @@ def test_sigterm_drains_the_running_batch(stack: Stack, tmp_path: Path, redis_cl
     assert stack.proc.wait(120) == 0
     info = record.info()
     assert info.status == "completed" and info.completed == 1 and info.chunks > 1, info  # finished, not dropped
-    assert redis_client.llen(stack.settings().ingest_queue) == 0
+    settings = stack.settings()
+    assert queue_depths(redis_client, [settings.ingest_queue, settings.interactive_queue]) == {
+        settings.ingest_queue: 0, settings.interactive_queue: 0}
     log = stack.log_text()
     assert "Warm shutdown" in log and "stopped (code 0)" in log
     assert not [p for p in pids if Path(f"/proc/{p}").exists()]
@@ -236,6 +241,70 @@ def test_the_store_owner_is_stopped_after_the_others_drain(tmp_path: Path) -> No
     text = log.read_text()
     # the embedding process's last batch still needs the owner: it goes first, the owner after
     assert text.index("TERM embed") < text.index("EXIT embed") < text.index("TERM store"), text
+
+
+_MANY_LAUNCHER = """
+import sys
+from workers.launcher import Supervisor, WorkerSpec
+code = {code!r}
+specs = [WorkerSpec(f"w{{i}}@test", None, [sys.executable, "-c", code, f"w{{i}}", "0"], {{}}) for i in range({n})]
+sys.exit(Supervisor(specs, poll_s=0.05).run())
+"""
+
+
+def test_sigterm_during_start_up_stops_every_process() -> None:
+    """SIGTERM sent as soon as the first of 40 processes has started, while the launcher
+    is still starting the others. Every process must be stopped and the launcher exit;
+    a handler that signalled the processes itself left the later ones running, unsignalled,
+    and the drain waiting for them for ever. Up to 3 tries until the signal lands mid
+    start-up (the launcher says so), so the race is surely exercised."""
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", _MANY_LAUNCHER.format(code=_DRAINING_WORKER, n=40)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        first = proc.stderr.readline()
+        assert "started w0@test" in first, first
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # its workers die with it (PR_SET_PDEATHSIG)
+            proc.wait(10)
+            text = first + proc.stderr.read()
+            pytest.fail(f"the launcher still draining 20 s after a SIGTERM at start-up:\n{text[-2000:]}")
+        text = first + proc.stderr.read()
+        pids = [int(p) for p in re.findall(r"started \S+ \(pid (\d+)\)", text)]
+        assert code == 0, text[-2000:]
+        assert pids and not [p for p in pids if _alive(p)], "processes left running"
+        if "signalled during start-up" in text:
+            print(f"\nSIGTERM after {len(pids)} of 40 started (try {attempt + 1}): all stopped, exit 0")
+            return
+    pytest.fail("the SIGTERM never landed during start-up in 3 tries")
+
+
+_GIVING_UP_LAUNCHER = """
+import sys
+from workers.launcher import Supervisor, WorkerSpec
+specs = [WorkerSpec("embed@test", None, [sys.executable, "-c", {code!r}, "embed", "0"], {{}}),
+         WorkerSpec("store@test", None, [sys.executable, "-c", "import sys; sys.exit(3)"], {{}}, stop_last=True)]
+sys.exit(Supervisor(specs, poll_s=0.05).run())
+"""
+
+
+def test_a_store_owner_that_gives_up_stops_the_launch(tmp_path: Path) -> None:
+    """An owner that keeps exiting is given up on after its fast restarts (~7 s). The
+    others would fail every batch without it: the launcher stops them and exits with the
+    owner's code, instead of running on."""
+    log = tmp_path / "launcher.log"
+    proc = subprocess.Popen([sys.executable, "-c", _GIVING_UP_LAUNCHER.format(code=_DRAINING_WORKER)],
+                            cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        assert proc.wait(30) == 3, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    text = log.read_text()
+    assert text.index("store@test keeps exiting (code 3); giving up") < text.index("TERM embed"), text
 
 
 def test_plan_shares_the_embedded_store_through_one_owner() -> None:

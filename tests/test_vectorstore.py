@@ -16,6 +16,7 @@ from common.config import Settings
 from common.vectorstore import (
     EdgeStore,
     StoredChunk,
+    StoredVersion,
     StoreError,
     StoreMismatchError,
     VectorStore,
@@ -107,7 +108,7 @@ def test_upsert_count_and_search_nearest_first(store: VectorStore) -> None:
     assert len(store.scroll_payloads()) == 120
 
 
-def test_reupsert_does_not_duplicate_and_delete_stale(store: VectorStore) -> None:
+def test_reupsert_does_not_duplicate_and_delete_older(store: VectorStore) -> None:
     rng = np.random.default_rng(2)
     a_v1 = [make_chunk("a", i, v) for i, v in enumerate(unit_vectors(rng, 5))]
     b_v1 = [make_chunk("b", i, v) for i, v in enumerate(unit_vectors(rng, 5))]
@@ -119,17 +120,17 @@ def test_reupsert_does_not_duplicate_and_delete_stale(store: VectorStore) -> Non
     a_v2 = [make_chunk("a", i, v, version="v2") for i, v in enumerate(unit_vectors(rng, 3))]
     store.upsert(a_v2)
     assert store.count() == 10
-    assert store.delete_stale("a", keep_version="v2") == 2
+    assert store.delete_older("a", 0, "v2") == 2
     remaining = store.scroll_payloads({"doc_key": "a"})
     assert sorted(p["chunk_index"] for p in remaining) == [0, 1, 2]
     assert {p["doc_version"] for p in remaining} == {"v2"}
     assert store.count({"doc_key": "b"}) == 5  # other documents are never touched
-    assert store.delete_stale("a", keep_version="v2") == 0
-    assert store.delete_stale("missing", keep_version="v1") == 0
+    assert store.delete_older("a", 0, "v2") == 0
+    assert store.delete_older("missing", 0, "v1") == 0
     assert store.count() == 8
 
 
-def test_delete_stale_many_prunes_each_document_by_its_own_version(store: VectorStore) -> None:
+def test_delete_older_many_prunes_each_document_by_its_own_version(store: VectorStore) -> None:
     rng = np.random.default_rng(12)
     docs = {f"d{i}": 4 for i in range(30)}
     store.upsert([make_chunk(k, i, v) for k, n in docs.items() for i, v in enumerate(unit_vectors(rng, n))])
@@ -138,15 +139,34 @@ def test_delete_stale_many_prunes_each_document_by_its_own_version(store: Vector
     for n, key in enumerate(list(docs)[:29]):
         size = 2 if n % 2 == 0 else 4
         store.upsert([make_chunk(key, i, v, version=f"v2-{key}") for i, v in enumerate(unit_vectors(rng, size))])
-        keep[key] = f"v2-{key}"
-    assert store.delete_stale_many(keep) == 15 * 2  # the 15 even documents lose chunks 2-3
+        keep[key] = (0, f"v2-{key}")
+    assert store.delete_older_many(keep) == 15 * 2  # the 15 even documents lose chunks 2-3
     for key in keep:
         rows = store.scroll_payloads({"doc_key": key})
-        assert {r["doc_version"] for r in rows} == {keep[key]}
+        assert {r["doc_version"] for r in rows} == {keep[key][1]}
     assert store.count({"doc_key": "d29"}) == 4
     assert store.count() == 15 * 2 + 14 * 4 + 4
-    assert store.delete_stale_many(keep) == 0
-    assert store.delete_stale_many({}) == 0
+    assert store.delete_older_many(keep) == 0
+    assert store.delete_older_many({}) == 0
+
+
+def test_delete_older_keeps_newer_sequences(store: VectorStore) -> None:
+    """Pruning by (seq, version) deletes only older points: an older batch that prunes
+    late cannot remove a newer version's (common.docseq)."""
+    rng = np.random.default_rng(13)
+
+    def version(seq: int, n: int, tag: str) -> list[StoredChunk]:
+        chunks = [make_chunk("a", i, v, version=tag) for i, v in enumerate(unit_vectors(rng, n))]
+        return [StoredChunk(str(uuid.uuid5(NS, f"a/{seq}/{c.payload['chunk_index']}")), c.vector,
+                            {**c.payload, "doc_seq": seq}) for c in chunks]
+
+    store.upsert([make_chunk("a", 9, unit_vectors(rng, 1)[0], version="legacy")])  # stored before sequences
+    store.upsert(version(5, 3, "v5") + version(7, 2, "v7"))
+    assert store.delete_older("a", 5, "v5") == 1  # only the legacy point is older than 5
+    assert store.delete_older("a", 7, None) == 3  # version 5 is older than 7; 7 itself stays
+    assert store.delete_older("a", 7, "v7") == 0
+    assert sorted((r["doc_seq"], r["doc_version"]) for r in store.scroll_payloads({"doc_key": "a"})) == [
+        (7, "v7"), (7, "v7")]
 
 
 def test_filter_on_product(store: VectorStore) -> None:
@@ -190,9 +210,9 @@ def test_distinct_docs_one_hit_per_doc_and_still_top_k(
     limits: list[int] = []
     query = store._query
 
-    def counting_query(queries, limit, where):
+    def counting_query(queries, limit, where, sparse=None):
         limits.append(limit)
-        return query(queries, limit, where)
+        return query(queries, limit, where, sparse)
 
     monkeypatch.setattr(store, "_query", counting_query)
 
@@ -284,7 +304,7 @@ def test_empty_or_missing_collection(store: VectorStore) -> None:
     assert store.search(queries, top_k=3, distinct_docs=False) == [[], []]
     assert store.count() == 0
     assert store.scroll_payloads() == []
-    assert store.delete_stale("a", "v1") == 0
+    assert store.delete_older("a", 1) == 0
     info = store.info()
     assert (info.points, info.dimension, info.model) == (0, None, None)
 
@@ -309,3 +329,110 @@ def test_unreachable_server_is_store_error_without_secrets() -> None:
         assert "sekrit" not in store.location
     finally:
         store.close()
+
+
+def _versioned(doc_key: str, tag: str, seq: int | None, version: str, vector: np.ndarray) -> StoredChunk:
+    chunk = make_chunk(doc_key, 0, vector, version=version)
+    payload = dict(chunk.payload)
+    if seq is not None:
+        payload["doc_seq"] = seq
+    return StoredChunk(str(uuid.uuid5(NS, f"{doc_key}/{tag}")), vector, payload)
+
+
+def test_pruning_follows_sequence_numbers_then_versions(store: VectorStore) -> None:
+    """Points without a doc_seq count as 0; lower sequences go, the same sequence keeps only its
+    version, higher ones stay (a newer batch's). Both backends, whichever way they delete."""
+    rng = np.random.default_rng(21)
+    vectors = iter(unit_vectors(rng, 20))
+    layout = {"none": (None, "a"), "s1": (1, "a"), "s2a": (2, "a"), "s2b": (2, "b"), "s3": (3, "c")}
+    store.upsert([_versioned(key, tag, seq, version, next(vectors))
+                  for key in ("p", "q") for tag, (seq, version) in layout.items()])
+    assert store.delete_older_many({"p": (2, "b"), "q": (0, "a")}) == 3  # p: none, s1, s2a; q: nothing
+    assert sorted((r.get("doc_seq"), r["doc_version"]) for r in store.scroll_payloads({"doc_key": "p"})) == [
+        (2, "b"), (3, "c")]
+    assert store.count({"doc_key": "q"}) == 5
+    assert store.delete_older_many({"q": (2, None)}) == 2  # any version of sequence 2 stays
+    assert store.delete_older_many({"q": (0, "z")}) == 0  # sequence 0 is older than every point left
+    assert store.count({"doc_key": "q"}) == 3
+
+
+def test_server_prunes_by_filter_without_reading_ids(tmp_path: Path, monkeypatch) -> None:
+    store = open_store(settings_for("qdrant", tmp_path))
+    try:
+        rng = np.random.default_rng(5)
+        store.upsert([make_chunk(f"d{i % 40}", i // 40, v) for i, v in enumerate(unit_vectors(rng, 160))])
+        store.upsert([make_chunk(f"d{i}", 0, v, version="v2") for i, v in enumerate(unit_vectors(rng, 40))])
+
+        def no_scroll(*args, **kwargs):
+            raise AssertionError("pruning scrolled the points' ids over the network")
+
+        monkeypatch.setattr(store.client, "scroll", no_scroll)
+        assert store.delete_older_many({f"d{i}": (0, "v2") for i in range(40)}) == 120
+        assert store.count() == 40
+    finally:
+        store.close()
+
+
+def test_server_writes_go_through_upload_points_in_batches(tmp_path: Path, monkeypatch) -> None:
+    store = open_store(settings_for("qdrant", tmp_path))
+    calls: list[tuple[int, int, bool]] = []
+    upload = store.client.upload_points
+
+    def spy(collection_name, points, **kwargs):
+        points = list(points)
+        calls.append((len(points), kwargs["batch_size"], kwargs["wait"]))
+        return upload(collection_name, points, **kwargs)
+
+    try:
+        monkeypatch.setattr(store.client, "upload_points", spy)
+        rng = np.random.default_rng(32)
+        store.upsert([make_chunk(f"u{i}", 0, v) for i, v in enumerate(unit_vectors(rng, 1300))])
+        assert calls == [(1300, 256, True)]  # one call; the client splits it into 256-point requests
+        assert store.count() == 1300
+    finally:
+        store.close()
+
+
+@pytest.mark.filterwarnings("ignore:Api key is used with an insecure connection")
+def test_grpc_is_used_when_configured_and_failures_stay_secret_free() -> None:
+    settings = Settings(
+        _env_file=None, qdrant_url="http://127.0.0.1:9", qdrant_api_key="sekrit-api-key",
+        qdrant_grpc=True, qdrant_grpc_port=10, collection="test_docs",
+    )
+    store = open_store(settings)
+    try:
+        remote = store.client._client  # qdrant-client's QdrantRemote
+        assert remote._prefer_grpc and remote._grpc_port == 10
+        assert "gRPC port 10" in store.location
+        with pytest.raises(StoreError) as excinfo:
+            store.count()
+        assert "sekrit" not in str(excinfo.value)
+    finally:
+        store.close()
+
+
+def test_stored_versions_relabel_and_delete_where(store: VectorStore) -> None:
+    """The document-level calls behind skipping unchanged documents and deleting them."""
+    vectors = unit_vectors(np.random.default_rng(41), 7)
+    chunks = [make_chunk("a", i, vectors[i]) for i in range(3)] + [make_chunk("b", i, vectors[3 + i]) for i in range(2)]
+    for c in chunks:
+        c.payload.update(content_hash=f"h-{c.payload['doc_key']}", doc_seq=4)
+    mixed = make_chunk("c", 0, vectors[5])
+    mixed.payload.update(content_hash="h-c", doc_seq=1)
+    other = make_chunk("c", 1, vectors[6])
+    other.payload.update(content_hash="h-c2", doc_seq=2)
+    store.upsert([*chunks, mixed, other])
+
+    found = store.stored_versions({"doc_key": ["a", "b", "c", "nothing"]})
+    assert found == {"a": StoredVersion("h-a", 4, (0,), (3,)), "b": StoredVersion("h-b", 4, (0,), (2,)),
+                     "c": StoredVersion(None, 2, (0,), (2,))}  # two versions mid-prune: never skipped
+    assert store.stored_versions({"product": "CDN", "doc_key": "b"}) == {"b": found["b"]}
+
+    assert store.relabel({"a": (4, 9), "b": (3, 9)}) == 3  # b is not at 3: untouched
+    assert store.stored_versions({"doc_key": ["a", "b"]}) == {"a": StoredVersion("h-a", 9, (0,), (3,)), "b": found["b"]}
+
+    assert store.delete_where({"doc_key": "c", "doc_seq": 1}) == {"c": 1}
+    assert store.delete_where({"doc_key": ["a", "b"]}) == {"a": 3, "b": 2}
+    assert store.count() == 1
+    with pytest.raises(ValueError, match="at least one condition"):
+        store.delete_where({})

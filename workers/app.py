@@ -7,10 +7,12 @@ through :data:`runtime`.
 from __future__ import annotations
 
 import logging
+import os
 
 from celery import Celery
 
 from common.config import Settings
+from common.devices import apply_cuda_env
 from common.limits import check_visibility_timeout
 from workers.celeryconfig import build_config
 
@@ -21,6 +23,7 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
+apply_cuda_env(os.environ)  # before torch is imported anywhere: pool processes inherit it
 settings = Settings()
 check_visibility_timeout(settings)  # a worker must never run past its message's visibility
 app = create_app(settings)

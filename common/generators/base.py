@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.prompts import PromptSource
 
 Conversation = list[dict[str, str]]
 
@@ -33,6 +38,10 @@ class Generator(ABC):
     """
 
     model_name: str
+    #: Whether ``submit`` returns before the answers are in (requests in flight elsewhere),
+    #: so a caller can retrieve the next questions meanwhile. A local model computes in
+    #: the calling thread: splitting its batch would only make its batches smaller.
+    concurrent: bool = False
 
     @abstractmethod
     def generate(
@@ -48,6 +57,22 @@ class Generator(ABC):
         the whole batch (programming errors excepted).
         """
 
+    def submit(
+        self,
+        conversations: Sequence[Conversation],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Future[list[Generation]]:
+        """``generate`` as a future. Here it runs now, in this thread; a ``concurrent``
+        generator returns at once. Cancelling the future abandons what is still pending."""
+        future: Future[list[Generation]] = Future()
+        try:
+            future.set_result(self.generate(conversations, max_tokens=max_tokens, temperature=temperature))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
     def close(self) -> None:
         """Release models, clients and memory; the generator is unusable afterwards."""
 
@@ -56,6 +81,25 @@ class Generator(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class GroundedGenerator(Generator):
+    """A generator that answers from the retrieved sources themselves, not from a prompt.
+
+    ``answer_from_sources`` returns, per question, the answer and the indices of the
+    sources it cites, in citation order: ``[n]`` in the answer is ``sources[cited[n - 1]]``.
+    """
+
+    @abstractmethod
+    def answer_from_sources(
+        self,
+        questions: Sequence[str],
+        sources: Sequence[Sequence[PromptSource]],
+        *,
+        lang: str = "auto",
+        max_tokens: int | None = None,
+    ) -> list[tuple[Generation, list[int]]]:
+        """One (Generation, cited source indices) per question, same order."""
 
 
 class NoneGenerator(Generator):
