@@ -65,6 +65,7 @@ class LatencyServer:
         self.requests = 0
         self.active = 0
         self.peak = 0
+        self.spans: list[tuple[float, float]] = []  # (start, end) of each completion, perf_counter
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -114,11 +115,13 @@ class LatencyServer:
                 if over:
                     self._send(503, {"error": {"message": "request budget of the bench server spent"}})
                     return
+                began = time.perf_counter()
                 try:
                     time.sleep(owner.latency_s)
                 finally:
                     with owner._lock:
                         owner.active -= 1
+                        owner.spans.append((began, time.perf_counter()))
                 question = body.get("messages", [{}])[-1].get("content", "")[:40]
                 self._send(200, {
                     "id": "chatcmpl-bench", "object": "chat.completion", "created": int(time.time()),
@@ -181,19 +184,16 @@ class Bench:
 
     def start(self, *, threads: int = 0, worker_args: tuple[str, ...] = (), **env: str) -> None:
         """``ragq worker`` (one prefork process running one batch at a time, plus its
-        interactive process; ``worker_args`` passed on), or with ``threads`` a Celery
-        worker running that many batches at once in one process."""
+        interactive process; ``worker_args`` passed on), or with ``threads``
+        ``ragq worker --pool threads --concurrency threads``: one process running that many
+        batches at once."""
         self.stop()
         self.env = {**self.base_env, **env}
         queues = f"{self.env['RAGQ_INGEST_QUEUE']},{self.env['RAGQ_QA_QUEUE']}"
         log = (self.data_dir / "worker.log").open("ab")
-        if threads:  # one process: it owns the embedded store, so it consumes the store queue too
-            queues += f",{self.env['RAGQ_STORE_QUEUE']}"
-            argv = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queues, "-P", "threads",
-                    "-c", str(threads), "--without-gossip", "--without-mingle", "-n", f"bench-{self.tag}@%h"]
-            self.env["CUDA_VISIBLE_DEVICES"] = ""
-        else:
-            argv = [sys.executable, "-m", "producer", "worker", "--gpus", "none", "--queues", queues, *worker_args]
+        argv = [sys.executable, "-m", "producer", "worker", "--gpus", "none", "--queues", queues, *worker_args]
+        if threads:  # one process running that many batches at once, sharing its model and LLM client
+            argv += ["--pool", "threads", "--concurrency", str(threads)]
         self.worker = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
         client = self.client()
@@ -341,23 +341,36 @@ def part_a(bench: Bench, n: int, latency: float, in_flight: int, batch_size: int
                     RAGQ_LLM_BACKEND="openai", RAGQ_LLM_BASE_URL=server.base_url, RAGQ_LLM_MODEL="latency-bench",
                     RAGQ_LLM_MAX_IN_FLIGHT=str(in_flight), RAGQ_LLM_TIMEOUT_S=str(max(30.0, 10 * latency)),
                     RAGQ_LLM_MAX_RETRIES="0", RAGQ_QA_BATCH_SIZE=str(batch_size))
-        runs = []
+        runs, timelines = [], []
         for _ in range(repeats):
-            before = server.requests
+            before, spans_before = server.requests, len(server.spans)
             server.peak = 0
+            began = time.perf_counter()
             seconds, info, lines = timed_job(bench, questions, generate=True)
             requests = server.requests - before
             peak = server.peak
+            timelines.append(timeline(server.spans[spans_before:], began, seconds, in_flight))
             assert info.status == "completed", (info.status, info.errors[:3])
             assert len(lines) == n and all(line["answer"] for line in lines) and requests == n
             assert peak <= in_flight, f"the server saw {peak} requests at once, above the budget of {in_flight}"
             runs.append(seconds)
     seconds = min(runs)
+    best = timelines[runs.index(seconds)]
     ideal = n * latency / in_flight
     return {"questions": n, "latency_s": latency, "in_flight": in_flight, "batch_size": batch_size,
             "concurrent_batches": concurrent_batches, "requests": requests,
             "peak_in_flight": peak, "runs_s": [round(r, 3) for r in runs], "measured_s": round(seconds, 3),
-            "ideal_s": round(ideal, 3), "efficiency": ideal / seconds, "target": 0.9}
+            "ideal_s": round(ideal, 3), "efficiency": ideal / seconds, "target": 0.9, "timeline": best}
+
+
+def timeline(spans: list[tuple[float, float]], began: float, seconds: float, in_flight: int) -> dict:
+    """Where a run's time went: before the first request, between the first request and
+    the last answer (with the endpoint's slots' use), after the last answer."""
+    first, last = min(b for b, _ in spans), max(e for _, e in spans)
+    busy = sum(e - b for b, e in spans)
+    return {"to_first_request_s": round(first - began, 3), "requests_span_s": round(last - first, 3),
+            "slot_use_in_span": round(busy / (in_flight * (last - first)), 3),
+            "last_answer_to_done_s": round(began + seconds - last, 3)}
 
 
 def main() -> int:
@@ -447,6 +460,12 @@ def print_table(result: dict) -> None:
         print(f"{'':<5} {'(best of runs: ' + runs + ' s)':<52}")
         print(f"{'':<5} {'ideal N*latency/' + str(a['in_flight']):<52} {a['ideal_s']:>10.2f} s")
         print(f"{'':<5} {'peak requests in flight seen by the server':<52} {a['peak_in_flight']:>12}")
+        if "timeline" in a:
+            t = a["timeline"]
+            print(f"{'':<5} {'enqueue -> first request':<52} {t['to_first_request_s']:>10.2f} s")
+            print(f"{'':<5} {'first request -> last answer (slots in use)':<52} {t['requests_span_s']:>10.2f} s"
+                  f" {t['slot_use_in_span']:>7.1%}")
+            print(f"{'':<5} {'last answer -> job finished, seen by the poller':<52} {t['last_answer_to_done_s']:>10.2f} s")
         print(f"{'':<5} {'efficiency = ideal / measured':<52} {a['efficiency']:>12.3f} {'>= 0.9':>8}")
     if "b" in parts:
         b = parts["b"]

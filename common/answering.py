@@ -108,16 +108,17 @@ class Answerer:
         retrieval. A local or extractive generator gets the whole batch at once.
         """
         started = time.perf_counter()
+        order = time.monotonic()  # this batch's rank for the shared in-flight budget: older first
         work = [_Work(item, []) for item in items if item.ok]
         generating = generate and self.generator is not None and not isinstance(self.generator, NoneGenerator)
         if generating and self.generator is not None and self.generator.concurrent \
                 and not isinstance(self.generator, GroundedGenerator):
-            generations = self._pipelined(work)
+            generations = self._pipelined(work, order)
         else:
             lap = metrics.Lap()  # stage timings: search (embed + query), generate
             self._retrieve(work)
             lap("search")
-            generations = self._collect(self._submit(work)) if generating else {}
+            generations = self._collect(self._submit(work, order)) if generating else {}
             if generating:
                 lap("generate")
 
@@ -151,7 +152,7 @@ class Answerer:
         return AnsweredBatch(lines, outcome)
 
     # -- steps ------------------------------------------------------------------------
-    def _pipelined(self, work: list[_Work]) -> dict[int, Generation]:
+    def _pipelined(self, work: list[_Work], order: float) -> dict[int, Generation]:
         """Retrieve ``pipeline`` questions, send their requests, retrieve the next ones ...
 
         Whatever stops the batch midway (a store failure the task retries, the soft
@@ -166,7 +167,7 @@ class Answerer:
                 searching += self._retrieve(group)
                 if first_sent is None:
                     first_sent = time.perf_counter()
-                pending.extend(self._submit(group))
+                pending.extend(self._submit(group, order))
             generations = self._collect(pending)
         except BaseException:
             for p in pending:
@@ -194,9 +195,10 @@ class Answerer:
             w.retrieval_s = seconds
         return seconds
 
-    def _submit(self, work: list[_Work]) -> list[_Pending]:
+    def _submit(self, work: list[_Work], order: float) -> list[_Pending]:
         """Prompts for every item that retrieval did not fail, handed to the generator:
-        one call per answer length. A grounded generator answers here and now."""
+        one call per answer length, ranked by ``order`` (when the batch began) for the
+        shared in-flight budget. A grounded generator answers here and now."""
         todo = [w for w in work if w.error is None]
         if not todo:
             return []
@@ -214,7 +216,8 @@ class Answerer:
         for max_tokens, rows in _by_answer_length(todo).items():
             batch = [todo[n] for n in rows]
             try:
-                future = self.generator.submit([conversations[n] for n in rows], max_tokens=max_tokens)
+                future = self.generator.submit([conversations[n] for n in rows], max_tokens=max_tokens,
+                                               order=order)
             except interrupts():  # the soft time limit ends the batch, it is no generator failure
                 raise
             except Exception as exc:

@@ -63,9 +63,12 @@ class Generator(ABC):
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        order: float | None = None,
     ) -> Future[list[Generation]]:
         """``generate`` as a future. Here it runs now, in this thread; a ``concurrent``
-        generator returns at once. Cancelling the future abandons what is still pending."""
+        generator returns at once. Cancelling the future abandons what is still pending.
+        ``order`` (``time.monotonic()`` when the caller's batch began) ranks the calls of
+        several batches waiting for one in-flight budget, oldest first; ignored here."""
         future: Future[list[Generation]] = Future()
         try:
             future.set_result(self.generate(conversations, max_tokens=max_tokens, temperature=temperature))

@@ -36,6 +36,7 @@ import redis
 
 from common.generators.base import Conversation, Generation, Generator
 from common.generators.loop import LoopThread
+from common.generators.slots import PrioritySlots
 from common.prompts import approx_tokens
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ class OpenAIGenerator(Generator):
         self._loop = LoopThread()
         # Made on the loop at first use, and again in a forked child (see _session).
         self._client: openai.AsyncOpenAI | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._slots: PrioritySlots | None = None
         self._pid: int | None = None
         self._limiter_factory = limiter_factory
         self._limiters: dict[str, RateLimiter] = {}
@@ -114,7 +115,7 @@ class OpenAIGenerator(Generator):
     ) -> list[Generation]:
         if not conversations:
             return []
-        return self._loop.run(self._generate(list(conversations), max_tokens, temperature))
+        return self._loop.run(self._generate(list(conversations), max_tokens, temperature, time.monotonic()))
 
     def submit(
         self,
@@ -122,9 +123,15 @@ class OpenAIGenerator(Generator):
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        order: float | None = None,
     ) -> Future[list[Generation]]:
-        """The requests start now, on the generator's loop; the caller is free meanwhile."""
-        return self._loop.submit(self._generate(list(conversations), max_tokens, temperature))
+        """The requests start now, on the generator's loop; the caller is free meanwhile.
+
+        Where the budget is full, a freed slot goes to the request of the lowest ``order``
+        (``time.monotonic()`` when its batch began; now, by default): older batches first.
+        """
+        order = time.monotonic() if order is None else order
+        return self._loop.submit(self._generate(list(conversations), max_tokens, temperature, order))
 
     def close(self) -> None:
         self._loop.close(cleanup=self._close_client())
@@ -132,7 +139,7 @@ class OpenAIGenerator(Generator):
     # --- internals ----------------------------------------------------------------
 
     async def _generate(self, conversations: list[Conversation], max_tokens: int | None,
-                        temperature: float | None) -> list[Generation]:
+                        temperature: float | None, order: float) -> list[Generation]:
         if not conversations:
             return []
         max_tokens = self.max_tokens if max_tokens is None else max_tokens
@@ -144,10 +151,10 @@ class OpenAIGenerator(Generator):
             return [Generation(None, "unknown", 0.0, error=error) for _ in conversations]
         self._model = model
         client, slots = self._session()
-        calls = (self._one(client, slots, model, c, max_tokens, temperature) for c in conversations)
+        calls = (self._one(client, slots, order, model, c, max_tokens, temperature) for c in conversations)
         return list(await asyncio.gather(*calls))
 
-    def _session(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
+    def _session(self) -> tuple[openai.AsyncOpenAI, PrioritySlots]:
         """The process's client and in-flight budget, made on the loop the first time.
 
         Only the loop's thread calls this, and it does not await, so no two callers
@@ -161,7 +168,7 @@ class OpenAIGenerator(Generator):
                 base_url=self.base_url, api_key=self._api_key, timeout=self.timeout_s, max_retries=0,
                 http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=self.timeout_s),
             )
-            self._slots = asyncio.Semaphore(self.max_in_flight)
+            self._slots = PrioritySlots(self.max_in_flight)
             self._limiters = {}  # a forked child's Redis connections are its own
             self._pid = os.getpid()
             self.clients_made += 1
@@ -193,10 +200,10 @@ class OpenAIGenerator(Generator):
         return page.data[0].id
 
     async def _one(
-        self, client: openai.AsyncOpenAI, slots: asyncio.Semaphore, model: str,
+        self, client: openai.AsyncOpenAI, slots: PrioritySlots, order: float, model: str,
         conversation: Conversation, max_tokens: int, temperature: float,
     ) -> Generation:
-        async with slots:
+        async with slots.hold(order):
             start = time.perf_counter()
             try:
                 response = await self._with_retries(
