@@ -9,6 +9,8 @@ second worker.
 
 from __future__ import annotations
 
+import math
+
 from common.config import Settings
 
 #: The hard limit is this much longer than the soft one, plus a fixed margin, so a
@@ -27,14 +29,23 @@ def ingest_limits(settings: Settings, nbytes: int) -> tuple[float, float]:
 
 
 def qa_limits(settings: Settings, questions: int, generate: bool = True) -> tuple[float, float]:
-    """(soft, hard) seconds for a batch of ``questions``."""
-    per_question = settings.qa_s_per_question if generate else settings.qa_s_per_question / 10
-    return _pair(settings.task_base_s + per_question * questions)
+    """(soft, hard) seconds for a batch of ``questions``.
+
+    A model in the worker answers them one after another: ``RAGQ_QA_S_PER_QUESTION`` each.
+    An endpoint answers ``RAGQ_LLM_MAX_IN_FLIGHT`` at once, so the batch needs its rounds of
+    requests, each allowed the longer of that and ``RAGQ_LLM_TIMEOUT_S``.
+    """
+    if not generate:
+        return _pair(settings.task_base_s + settings.qa_s_per_question / 10 * questions)
+    if settings.answer_backend == "openai":
+        rounds = math.ceil(questions / max(1, settings.llm_max_in_flight))
+        return _pair(settings.task_base_s + max(settings.qa_s_per_question, settings.llm_timeout_s) * rounds)
+    return _pair(settings.task_base_s + settings.qa_s_per_question * questions)
 
 
 def longest_hard_limit(settings: Settings) -> float:
     return max(ingest_limits(settings, settings.batch_bytes)[1],
-               qa_limits(settings, settings.qa_batch_size)[1])
+               qa_limits(settings, settings.questions_per_batch)[1])
 
 
 def check_visibility_timeout(settings: Settings) -> None:

@@ -485,7 +485,7 @@ class Client:
         delivery = self._delivery(priority, interactive=interactive)
         url = self.webhook_for(webhook_url)
         self.ping()
-        size = max(1, self.settings.qa_batch_size)
+        size = self.settings.questions_per_batch
         record = JobRecord.create(
             self.redis, JobKind.questions,
             meta={**meta, "collection": self.settings.collection, "generate": generate, "batch_size": size},

@@ -39,7 +39,8 @@ def fake() -> Iterator[FakeLLM]:
 def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory, fake: FakeLLM) -> Iterator[Stack]:
     """A worker that generates through the fake LLM (answers are "echo: <first prompt line>")."""
     s = Stack(redis_url, tmp_path_factory.mktemp("batch"), RAGQ_LLM_BACKEND="openai",
-              RAGQ_LLM_BASE_URL=fake.base_url, RAGQ_LLM_MODEL="fake-model", RAGQ_LLM_TIMEOUT_S="10")
+              RAGQ_LLM_BASE_URL=fake.base_url, RAGQ_LLM_MODEL="fake-model", RAGQ_LLM_TIMEOUT_S="10",
+              RAGQ_QA_BATCH_SIZE="16")  # the cancel tests count on several task batches
     s.start_worker()
     yield s
     s.stop_worker()

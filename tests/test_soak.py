@@ -136,7 +136,7 @@ def test_soak_20000_documents_and_2000_questions_through_two_workers(redis_url: 
     assert sum(questions_by_worker.values()) == QUESTIONS and min(questions_by_worker.values()) > 0
     owner = next(iter(owners.values()))
     store_calls = sum(n for (queue, state), n in owner.tasks.items() if state == "succeeded")
-    assert store_calls >= 2 * len(batches) + -(-QUESTIONS // settings.qa_batch_size)
+    assert store_calls >= 2 * len(batches) + -(-QUESTIONS // settings.questions_per_batch)
     assert not any(state == "failed" for w in snapshot.workers.values() for (_, state) in w.tasks)
 
     # No errors anywhere in the workers' log.
