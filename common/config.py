@@ -217,6 +217,7 @@ class Settings(BaseSettings):
             else:
                 out[name] = value
         out["redis_url"] = mask_url(self.redis_dsn)
+        out["qa_batch_size"] = self.questions_per_batch  # the size used, once 0 (auto) is resolved
         return out
 
 

@@ -55,6 +55,7 @@ def test_an_endpoint_gets_eight_rounds_of_its_budget_per_batch(stack: Stack) -> 
     soft, hard = limits[0]
     assert soft == 120 + 8 * 60  # the base, and each of 8 rounds allowed RAGQ_LLM_TIMEOUT_S
     assert hard < stack.settings().visibility_timeout_s
+    assert stack.settings(**ENDPOINT).masked()["qa_batch_size"] == 256  # what `ragq config` shows
 
     sizes, _ = _batches(stack, 100, llm_max_in_flight=4, **ENDPOINT)
     assert sizes == [32, 32, 32, 4]
