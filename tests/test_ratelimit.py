@@ -249,12 +249,13 @@ def test_429s_beyond_the_request_timeout_fail_the_question() -> None:
         gen = generator(server.base_url, timeout_s=2.5)
         try:
             started = time.monotonic()
-            first, second = gen.generate([user("first"), user("second")])
+            got = gen.generate([user("first"), user("second")])
             elapsed = time.monotonic() - started
         finally:
             gen.close()
-    assert first.error is None
-    assert second.error == "HTTP 429: Rate limit reached for requests (after 3 attempts)"
+    errors = sorted((g.error for g in got), key=bool)  # both go at once: either may take the one slot
+    assert errors[0] is None
+    assert errors[1] == "HTTP 429: Rate limit reached for requests (after 3 attempts)"
     assert 1.8 < elapsed < 3.0, elapsed  # two pauses of 1 s; a third would pass the 2.5 s
 
 
