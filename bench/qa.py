@@ -357,11 +357,11 @@ def part_a(bench: Bench, n: int, latency: float, in_flight: int, batch_size: int
             assert peak <= in_flight, f"the server saw {peak} requests at once, above the budget of {in_flight}"
             timelines.append(timeline(server.spans[spans_before:], began, seconds, in_flight))
             runs.append(seconds)
-        batch_size = bench.settings().questions_per_batch
+        used_batch = bench.settings().questions_per_batch  # 0 asks for ragq's default: the size it chose
     seconds = min(runs)
     best = timelines[runs.index(seconds)]
     ideal = n * latency / in_flight
-    return {"questions": n, "latency_s": latency, "in_flight": in_flight, "batch_size": batch_size,
+    return {"questions": n, "latency_s": latency, "in_flight": in_flight, "batch_size": used_batch,
             "concurrent_batches": concurrent_batches, "requests": requests,
             "peak_in_flight": peak, "runs_s": [round(r, 3) for r in runs], "measured_s": round(seconds, 3),
             "ideal_s": round(ideal, 3), "efficiency": ideal / seconds, "target": 0.9, "timeline": best}

@@ -34,12 +34,12 @@ def _batches(stack: Stack, n: int, **changes: object) -> tuple[list[int], list[t
     job = client.ask_many([f"Question {i} about cloud disks?" for i in range(n)])
     try:
         envelopes = [json.loads(raw) for key in queue_keys(queue) for raw in client.redis.lrange(key, 0, -1)]
-        bodies = _queued_bodies(client, queue)
+        args = [json.loads(body)[0] for body in _queued_bodies(client, queue)]  # (job, batch, items, ...)
     finally:
         client.redis.delete(*queue_keys(queue))
         job.cancel()
-    order = sorted(range(len(bodies)), key=lambda i: json.loads(bodies[i])[0][1])  # by batch number
-    sizes = [len(json.loads(bodies[i])[0][2]) for i in order]
+    order = sorted(range(len(args)), key=lambda i: args[i][1])  # by batch number
+    sizes = [len(args[i][2]) for i in order]
     limits = [tuple(envelopes[i]["headers"]["timelimit"][::-1]) for i in order]
     return sizes, limits
 
